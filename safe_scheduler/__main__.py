@@ -1,0 +1,3 @@
+from safe_scheduler.cli import main
+
+main()

@@ -1,0 +1,226 @@
+"""Child processes that cannot outlive the scheduler.
+
+Two mechanisms, because neither is enough alone:
+
+* While the scheduler is alive to do it, every exit path stops its children in bounded time:
+  SIGTERM, join up to a timeout, SIGKILL the child's whole process tree, reap. Stock Airflow only
+  ``terminate()``s and then leaves ``multiprocessing`` to ``join()`` forever at interpreter exit
+  (Airflow #32706).
+* When the scheduler cannot do it (SIGKILL, OOM killer, a forced exit), the kernel does: each child
+  forked by the scheduler gets ``PR_SET_PDEATHSIG``. Task-running executor workers get SIGTERM, so a
+  task can still clean up (``on_kill``); our servers get SIGKILL, so none keeps holding its port
+  (Airflow #40726).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("safe_scheduler.children")
+
+_PR_SET_PDEATHSIG = 1
+
+#: Signal the kernel sends a forked child when the scheduler dies: SIGTERM lets tasks clean up.
+DEFAULT_DEATH_SIGNAL = signal.SIGTERM
+
+_hook_installed = False
+_scheduler_pid = 0
+_forking_parent_pid = 0
+_forked_from_main_thread = False
+#: Run in every child right after fork, before anything else (see ``watchdog``).
+_after_fork_callbacks: list[Callable[[], None]] = []
+
+
+def set_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent thread dies (Linux only).
+
+    If the parent is already gone by the time we ask (it died between fork and here), the request
+    would never fire: deliver ``sig`` to ourselves at once instead.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if _forking_parent_pid and os.getppid() != _forking_parent_pid:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _before_fork() -> None:
+    global _forking_parent_pid, _forked_from_main_thread
+    _forking_parent_pid = os.getpid()
+    _forked_from_main_thread = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    for callback in _after_fork_callbacks:
+        callback()
+    if _forking_parent_pid == _scheduler_pid:
+        # The scheduler's SIGTERM handler is inherited by fork but meant for the scheduler only:
+        # Airflow's ``_exit_gracefully`` does nothing outside the parent, so an executor worker
+        # would ignore SIGTERM, its death signal included. Give the child the default disposition
+        # it would have had if spawned; the task processes it starts install their own handlers.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # PR_SET_PDEATHSIG fires when the *thread* that forked exits, not the process. A child forked by
+    # a short-lived helper thread would be killed when that thread ends, so only children forked by
+    # the main thread (serve-logs, health check, executor workers) are tied to us by the kernel.
+    # The others are still stopped by ``stop_descendants`` on every exit path we live through.
+    if _forked_from_main_thread:
+        set_death_signal(DEFAULT_DEATH_SIGNAL)
+
+
+def install_fork_hook() -> None:
+    """Make every process forked from now on (and, inherited, from its children) die with its parent."""
+    global _hook_installed, _scheduler_pid
+    if _hook_installed or not hasattr(os, "register_at_fork"):
+        return
+    _scheduler_pid = os.getpid()
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    _hook_installed = True
+
+
+def run_after_fork_in_child(callback: Callable[[], None]) -> None:
+    """Register ``callback`` to run first thing in every forked child (needs ``install_fork_hook``)."""
+    _after_fork_callbacks.append(callback)
+
+
+def _server_main(target: Callable[[], Any]) -> None:
+    # A server has nothing to clean up, and a server left behind keeps its port (Airflow #40726).
+    set_death_signal(signal.SIGKILL)
+    target()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.send_signal(sig)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until ``procs`` are dead (zombies count as dead); return those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if _alive(p)]
+    return alive
+
+
+class ChildProcess:
+    """A server child (serve-logs, health check) with a stop that always finishes in bounded time."""
+
+    def __init__(self, name: str, target: Callable[[], Any], stop_timeout: float) -> None:
+        self.name = name
+        self.stop_timeout = stop_timeout
+        self._process = multiprocessing.Process(target=_server_main, args=(target,), name=name)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def start(self) -> None:
+        self._process.start()
+        log.info("Started %s (pid %s)", self.name, self._process.pid)
+
+    def stop(self) -> bool:
+        """SIGTERM → join up to ``stop_timeout`` → SIGKILL the whole tree → reap.
+
+        Returns True if the tree had to be killed. The child's descendants are listed before it is
+        signalled: once it is dead they are re-parented and no longer findable from here.
+        """
+        process = self._process
+        if process.pid is None or process.exitcode is not None:
+            return False
+        tree = _descendants(process.pid)
+        process.terminate()
+        process.join(self.stop_timeout)
+        killed = process.is_alive()
+        if killed:
+            log.warning(
+                "%s (pid %s) did not stop within %gs of SIGTERM; killing its process tree",
+                self.name,
+                process.pid,
+                self.stop_timeout,
+            )
+            tree += [p for p in _descendants(process.pid) if p not in tree]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+        leftovers = [p for p in tree if _alive(p)]
+        _signal_all(leftovers, signal.SIGKILL)
+        # SIGKILL cannot be ignored; only a process stuck in the kernel (D state) outlives this join.
+        process.join(max(self.stop_timeout, 1.0))
+        _wait_gone(leftovers, 1.0)
+        log.info("Stopped %s (pid %s, exit code %s)", self.name, process.pid, process.exitcode)
+        return killed or bool(leftovers)
+
+
+@contextlib.contextmanager
+def supervised(name: str, target: Callable[[], Any], stop_timeout: float) -> Iterator[ChildProcess]:
+    """Run ``target`` in a child for the duration of the block; stop it on every way out."""
+    child = ChildProcess(name, target, stop_timeout)
+    child.start()
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def stop_descendants(timeout: float) -> int:
+    """Stop every process still below us: SIGTERM, wait up to ``timeout``, SIGKILL, reap.
+
+    The last sweep before exit. Executor workers that ``executor.end()`` did not finish, a task
+    process, a grandchild of a server: all are ours, and none may outlive the scheduler. Returns how
+    many were still there.
+    """
+    procs = _descendants(os.getpid())
+    if not procs:
+        return 0
+    log.warning(
+        "%d child process(es) still running at shutdown (pids %s); stopping them",
+        len(procs),
+        ", ".join(str(p.pid) for p in procs),
+    )
+    _signal_all(procs, signal.SIGTERM)
+    alive = _wait_gone(procs, timeout)
+    if alive:
+        log.warning("Killing %d process(es) that ignored SIGTERM: %s", len(alive), [p.pid for p in alive])
+        _signal_all(alive + [c for p in alive for c in _descendants(p.pid)], signal.SIGKILL)
+        _wait_gone(alive, 1.0)
+    # Let multiprocessing notice its dead children, so its own atexit join does not wait on them.
+    multiprocessing.active_children()
+    return len(procs)
+
+
+def kill_descendants() -> None:
+    """SIGKILL everything below us at once: the forced exit has no time left to be polite."""
+    _signal_all(_descendants(os.getpid()), signal.SIGKILL)

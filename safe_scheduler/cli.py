@@ -1,0 +1,125 @@
+"""``airflow-safe-scheduler``: the flags of the installed ``airflow scheduler``, plus ours.
+
+Everything that can be wrong before the scheduler starts (a flag, a setting, a port, the
+database) ends here with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+from safe_scheduler import __version__, exitcodes
+from safe_scheduler.settings import UsageError
+
+PROG = "airflow-safe-scheduler"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block; an operator reading a supervisor log wants the line.
+        raise UsageError(f"{message} (see '{PROG} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from safe_scheduler import compat
+
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "Start an Airflow scheduler that can crash but never hang: on any failure or signal it "
+            "exits within --shutdown-timeout seconds, non-zero if it failed, leaving no child process."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Settings also come from Airflow's config, section [safe_scheduler]\n"
+            "(env vars AIRFLOW__SAFE_SCHEDULER__*).\n\n"
+            "Exit codes: 0 clean stop, 1 scheduler failed, 2 refused to start,\n"
+            "3 forced exit after --shutdown-timeout.\n\n"
+            + (compat.scheduler_cli_command().epilog or "").replace("airflow scheduler", PROG)
+        ),
+    )
+    compat.add_airflow_args(parser)
+    ours = parser.add_argument_group("safe scheduler options")
+    ours.add_argument(
+        "--shutdown-timeout",
+        metavar="SECONDS",
+        help="Seconds from the start of shutdown (failure, signal, end of run) until the process is "
+        "forced to exit. Default: [safe_scheduler] shutdown_timeout, 30.",
+    )
+    ours.add_argument(
+        "--child-stop-timeout",
+        metavar="SECONDS",
+        help="Seconds a child process gets between SIGTERM and SIGKILL of its process tree. "
+        "Default: [safe_scheduler] child_stop_timeout, 5.",
+    )
+    ours.add_argument("--version", action="store_true", help="Show the version and exit.")
+    return parser
+
+
+def _prepare(argv: list[str] | None):
+    """Parse, validate and check everything; raise UsageError with one line if anything is off."""
+    try:
+        from airflow.configuration import conf
+
+        from safe_scheduler import compat
+    except Exception as exc:  # noqa: BLE001 - Airflow fails at import on a broken config
+        if os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "x").strip() == "":
+            raise UsageError(
+                "no metadata database configured: AIRFLOW__DATABASE__SQL_ALCHEMY_CONN is empty"
+            ) from None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"cannot load Airflow ({type(exc).__name__}: {message}); "
+            "check airflow.cfg and the AIRFLOW__* environment, [database] sql_alchemy_conn first"
+        ) from None
+
+    from safe_scheduler import preflight, settings
+
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"{PROG} {__version__} (Apache Airflow {compat.AIRFLOW_VERSION})")
+        raise SystemExit(exitcodes.OK)
+    if compat.wants_hot_reload(args):
+        raise UsageError("--dev (hot reload) is for development; use 'airflow scheduler --dev' for that")
+    if getattr(args, "only_idle", False) and args.num_runs <= 0:
+        raise UsageError("--only-idle requires --num-runs to be set to a positive number")
+    config = settings.load(
+        {"shutdown_timeout": args.shutdown_timeout, "child_stop_timeout": args.child_stop_timeout}, conf
+    )
+    preflight.check_metadata_db(conf)
+    if not args.skip_serve_logs and compat.serves_logs():
+        preflight.check_port_free(
+            "", conf.getint("logging", "worker_log_server_port"), "[logging] worker_log_server_port"
+        )
+    if conf.getboolean("scheduler", "enable_health_check"):
+        preflight.check_port_free(
+            conf.get("scheduler", "scheduler_health_check_server_host"),
+            conf.getint("scheduler", "scheduler_health_check_server_port"),
+            "[scheduler] scheduler_health_check_server_port",
+        )
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    try:
+        args, config = _prepare(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.exit(exitcodes.USAGE)
+
+    from safe_scheduler import compat, runner
+
+    compat.print_banner()
+    result: dict[str, int] = {}
+
+    def scheduler() -> None:
+        result["code"] = runner.run(args, config)
+
+    try:
+        compat.run_with_daemon_option(args, compat.with_providers_configuration(scheduler))
+    except BaseException as exc:  # noqa: BLE001 - e.g. "already running" from the daemon pidfile
+        result.setdefault("code", runner.exit_code_of(exc))
+    runner.exit_process(result.get("code", exitcodes.FAILED))

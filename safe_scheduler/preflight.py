@@ -1,0 +1,98 @@
+"""Checks made before anything starts, each failing with one line that says what to fix.
+
+Stock ``airflow scheduler`` starts its children first and finds out later: a log-server port
+already taken leaves a traceback in a child and a scheduler without a log server; a database
+that is missing or not migrated gives a long SQLAlchemy traceback. Here they end the command with
+exit code 2 before a single process is forked.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import subprocess
+
+from safe_scheduler import compat
+from safe_scheduler.settings import UsageError
+
+log = logging.getLogger("safe_scheduler.preflight")
+
+#: Seconds to wait for the metadata database to accept a connection before giving up.
+DB_CONNECT_TIMEOUT = 10
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Fail if a server of ours could not bind ``host:port``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # Servers set SO_REUSEADDR too, so a port in TIME_WAIT counts as free, as it would for them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host or "", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"port {port} ({what}) is already in use; is another scheduler or "
+                    "log server still running on this host?"
+                ) from None
+            raise UsageError(f"cannot bind port {port} ({what}): {exc.strerror}") from None
+
+
+def _redacted(url) -> str:
+    try:
+        return url.render_as_string(hide_password=True)
+    except AttributeError:  # SQLAlchemy < 1.4.?
+        return repr(url)
+
+
+def _db_state(url) -> str:
+    """Return "ready" or "empty"; raise UsageError if the database cannot be reached."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {}
+    if url.get_backend_name() in ("postgresql", "mysql"):
+        connect_args["connect_timeout"] = DB_CONNECT_TIMEOUT
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as connection:
+            tables = set(inspect(connection).get_table_names())
+    except Exception as exc:  # noqa: BLE001 - every driver raises its own type
+        first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot connect to the metadata database {_redacted(url)}: {first_line}") from None
+    finally:
+        engine.dispose()
+    return "ready" if {"alembic_version", "job"} <= tables else "empty"
+
+
+def check_metadata_db(conf) -> None:
+    """Fail unless the metadata database is configured, reachable and migrated.
+
+    SQLite is Airflow's embedded default (a file in AIRFLOW_HOME): when it is empty we migrate it,
+    as ``airflow standalone`` does, so the safe scheduler runs on a fresh machine with no setup.
+    Other databases are never migrated behind the operator's back.
+    """
+    from sqlalchemy.engine import make_url
+
+    raw = conf.get("database", "sql_alchemy_conn", fallback="")
+    if not raw or not raw.strip():
+        raise UsageError(
+            "no metadata database configured: set [database] sql_alchemy_conn "
+            "(AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)"
+        )
+    try:
+        url = make_url(raw)
+    except Exception:  # noqa: BLE001
+        raise UsageError("[database] sql_alchemy_conn is not a valid database URL") from None
+    if _db_state(url) == "ready":
+        return
+    if url.get_backend_name() != "sqlite":
+        raise UsageError(
+            f"the metadata database {_redacted(url)} is not initialised: run 'airflow db migrate' first"
+        )
+    log.info("Setting up the embedded SQLite metadata database %s", url.database)
+    done = subprocess.run(compat.migrate_db_command(), capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"could not set up the SQLite metadata database {url.database}: {last}")

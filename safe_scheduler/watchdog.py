@@ -1,0 +1,156 @@
+"""The exit watchdog: once shutdown starts, the process is gone within ``shutdown_timeout``.
+
+Shutdown starts when the scheduler's run ends (normally or by an exception) or when SIGTERM/SIGINT
+arrives. From then on, whatever holds the process (a non-daemon thread, a blocking atexit handler,
+``executor.end()`` waiting on a task, a child that ignores SIGTERM, a frozen database socket) has
+until the deadline. Past it: one log line, every thread's stack, SIGKILL to the process tree,
+``os._exit(FORCED)``.
+
+The watchdog is a Python thread, so it needs the GIL. A C call that holds the GIL forever would
+stop it too; ``faulthandler``'s timer is a C thread that needs no GIL, so it is armed a few seconds
+later as the last resort (it dumps stacks to stderr and exits with code 1).
+
+Signals are noticed through ``signal.set_wakeup_fd``: the C-level handler writes the signal number
+to a socket without running any Python, so we learn of SIGTERM even while the main thread is stuck
+in a C call, and Airflow's own handlers stay exactly as they are, installed by Airflow.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from safe_scheduler import children, exitcodes
+
+log = logging.getLogger("safe_scheduler.watchdog")
+
+#: Seconds after the deadline at which the GIL-free last resort fires.
+BACKSTOP_MARGIN = 5.0
+
+_SHUTDOWN_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+
+def format_all_stacks() -> str:
+    """Every thread's stack, named, as one block of text (sys._current_frames needs the GIL)."""
+    names = {t.ident: f"{t.name}{' (daemon)' if t.daemon else ''}" for t in threading.enumerate()}
+    blocks = []
+    for ident, frame in sys._current_frames().items():
+        stack = "".join(traceback.format_stack(frame))
+        blocks.append(f'Thread "{names.get(ident, "?")}" ({ident}):\n{stack}')
+    return "\n".join(blocks)
+
+
+def flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - flushing is best effort on the way out
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class ExitWatchdog:
+    """Arms a deadline the first time shutdown starts; past it, forces the exit."""
+
+    def __init__(self, shutdown_timeout: float) -> None:
+        self.shutdown_timeout = shutdown_timeout
+        self.reason: str | None = None
+        self.armed_at: float | None = None
+        self._lock = threading.Lock()
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+
+    # -- signals ---------------------------------------------------------------------------------
+
+    def watch_signals(self) -> None:
+        """Arm on SIGTERM/SIGINT without touching the handlers (call from the main thread)."""
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup = (reader, writer)
+        children.run_after_fork_in_child(self._forget_in_child)
+        threading.Thread(target=self._listen, args=(reader,), name="safe-scheduler-signals", daemon=True).start()
+
+    def _forget_in_child(self) -> None:
+        # A forked child inherits the wakeup fd: its signals would arm *our* deadline. Cut it loose.
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for sock in self._wakeup:
+                sock.close()
+            self._wakeup = None
+
+    def _listen(self, reader: socket.socket) -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in _SHUTDOWN_SIGNALS:
+                    self.arm(f"received {_SHUTDOWN_SIGNALS[signum]}")
+
+    def hold_signals(self) -> None:
+        """Once Airflow's job is over, let no further SIGTERM/SIGINT interrupt the bounded shutdown.
+
+        Airflow's handlers raise SystemExit; raised in the middle of stopping a child, that would
+        skip the kill step. From here on the deadline, not a second signal, bounds the shutdown.
+        """
+        if threading.current_thread() is threading.main_thread():
+            for signum in _SHUTDOWN_SIGNALS:
+                signal.signal(signum, self._during_shutdown)
+
+    def _during_shutdown(self, signum: int, frame: object) -> None:
+        log.info(
+            "%s during shutdown: already stopping, forced exit in %.1fs at the latest",
+            _SHUTDOWN_SIGNALS.get(signum, signum),
+            self.remaining(),
+        )
+
+    # -- deadline --------------------------------------------------------------------------------
+
+    @property
+    def armed(self) -> bool:
+        return self.armed_at is not None
+
+    def arm(self, reason: str) -> None:
+        """Start the shutdown deadline; later calls keep the first reason and deadline."""
+        with self._lock:
+            if self.armed_at is not None:
+                return
+            self.reason, self.armed_at = reason, time.monotonic()
+        log.info(
+            "Shutdown started (%s); the process will be gone within %gs", reason, self.shutdown_timeout
+        )
+        faulthandler.dump_traceback_later(self.shutdown_timeout + BACKSTOP_MARGIN, exit=True)
+        threading.Thread(target=self._expire, name="safe-scheduler-exit-watchdog", daemon=True).start()
+
+    def remaining(self) -> float:
+        if self.armed_at is None:
+            return self.shutdown_timeout
+        return max(0.0, self.armed_at + self.shutdown_timeout - time.monotonic())
+
+    def _expire(self) -> None:
+        time.sleep(self.remaining())
+        self.force_exit(f"shutdown did not finish within {self.shutdown_timeout:g}s ({self.reason})")
+
+    def force_exit(self, why: str, code: int = exitcodes.FORCED) -> None:
+        """Log why, dump every stack, kill the process tree, exit now. Never returns."""
+        try:
+            log.error("Forcing exit with code %d: %s; thread stacks follow", code, why)
+            log.error("Thread stacks at forced exit:\n%s", format_all_stacks())
+            children.kill_descendants()
+            flush_logs()
+        finally:
+            os._exit(code)

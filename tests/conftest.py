@@ -1,0 +1,137 @@
+"""Fixtures: one migrated PostgreSQL template per test run, then per test its own server, ports,
+AIRFLOW_HOME and scheduler processes, all cleaned up by pid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pg  # noqa: E402
+from procs import SchedulerProcess  # noqa: E402
+
+ROOT_ENV = "SAFE_SCHEDULER_TEST_ROOT"
+PYTHON = sys.executable
+SAFE = [PYTHON, "-m", "safe_scheduler"]
+STOCK = [PYTHON, "-m", "airflow", "scheduler"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The controller makes one world-traversable directory (the server runs as ``postgres`` and
+    # pytest's own tmp dirs are private to root); xdist workers inherit it through the environment.
+    if ROOT_ENV not in os.environ:
+        root = tempfile.mkdtemp(prefix="safe-scheduler-tests-", dir="/tmp")
+        os.chmod(root, 0o755)
+        os.environ[ROOT_ENV] = root
+        config._safe_scheduler_root = root  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = getattr(config, "_safe_scheduler_root", None)
+    if root:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_root() -> Path:
+    return Path(os.environ[ROOT_ENV])
+
+
+def base_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(home / "plugins"),
+        AIRFLOW__API_AUTH__JWT_SECRET="safe-scheduler-tests",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def pg_template(test_root: Path) -> Path:
+    """A migrated data directory, built once per run by whichever worker gets here first."""
+    with open(test_root / "template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ready = test_root / "template.ready"
+        if not ready.exists():
+            home = test_root / "template-home"
+            home.mkdir()
+            pg.make_template(test_root, base_env(home), PYTHON)
+            ready.touch()
+    return test_root / "template"
+
+
+@pytest.fixture
+def postgres(pg_template: Path, test_root: Path):
+    workdir = Path(tempfile.mkdtemp(prefix="pg-", dir=test_root))
+    workdir.chmod(0o755)
+    server = pg.clone(pg_template, workdir / "data")
+    server.start()
+    yield server
+    server.destroy()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Deployment:
+    """One AIRFLOW_HOME with its own ports and database, and the schedulers started in it."""
+
+    def __init__(self, home: Path, db_url: str) -> None:
+        self.home = home
+        for sub in ("dags", "plugins", "config"):
+            (home / sub).mkdir(parents=True, exist_ok=True)
+        self.health_port = pg.free_port()
+        self.log_port = pg.free_port()
+        self.env = base_env(home)
+        self.env.update(
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=db_url,
+            AIRFLOW__CORE__PARALLELISM="4",
+            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(self.log_port),
+            AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK="True",
+            AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST="127.0.0.1",
+            AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT=str(self.health_port),
+            AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
+        )
+        self.started: list[SchedulerProcess] = []
+
+    def add_plugin(self, name: str, source: str) -> None:
+        (self.home / "plugins" / f"{name}.py").write_text(textwrap.dedent(source))
+
+    def add_local_settings(self, source: str) -> None:
+        (self.home / "config" / "airflow_local_settings.py").write_text(textwrap.dedent(source))
+
+    def scheduler(self, *args: str, stock: bool = False, **env: str) -> SchedulerProcess:
+        cmd = (STOCK if stock else SAFE) + list(args)
+        log = self.home / f"scheduler-{len(self.started)}.log"
+        proc = SchedulerProcess(cmd, dict(self.env, **env), log, self.health_port)
+        self.started.append(proc)
+        return proc.start()
+
+    def cleanup(self) -> None:
+        for proc in self.started:
+            proc.cleanup()
+
+
+@pytest.fixture
+def deployment(postgres, tmp_path: Path):
+    dep = Deployment(tmp_path / "airflow", postgres.url)
+    yield dep
+    dep.cleanup()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "airflow"
+    path.mkdir()
+    return path

@@ -1,0 +1,154 @@
+"""Start a scheduler as a real process and watch every process it ever forks.
+
+The watcher records the scheduler's descendants while they are alive, so that after the scheduler
+is gone we can still tell whether any of them survived it (an orphan is re-parented and no longer
+findable from the scheduler). Cleanup kills only those recorded pids, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie is dead; only its exit status is left)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll ``condition`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class SchedulerProcess:
+    def __init__(self, cmd: list[str], env: dict, log_path: Path, health_port: int) -> None:
+        self.cmd, self.env, self.log_path, self.health_port = cmd, env, log_path, health_port
+        self.popen: subprocess.Popen | None = None
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self._stop_watching = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.exited_at: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> SchedulerProcess:
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def _watch(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop_watching.is_set():
+            try:
+                for child in root.children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        self.seen.setdefault((child.pid, child.create_time()), child)
+            except psutil.NoSuchProcess:
+                pass
+            if self.popen.poll() is not None:
+                return
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health_status(self) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/health", timeout=2) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        """Until the health-check child reports a recent scheduler heartbeat in the database."""
+
+        def healthy() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"scheduler exited early with {self.popen.returncode}:\n{self.log()[-4000:]}")
+            return self.health_status() == 200
+
+        wait_for(healthy, timeout, interval=0.3, message="the scheduler to report healthy")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit code, or None if the process is still alive after ``timeout``."""
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.exited_at = time.monotonic()
+        return code
+
+    def signal(self, sig: int) -> float:
+        os.kill(self.pid, sig)
+        return time.monotonic()
+
+    # -- what is left behind --------------------------------------------------------------------
+
+    def descendants_named(self, fragment: str) -> list[psutil.Process]:
+        found = []
+        for proc in self.seen.values():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if fragment in " ".join(proc.cmdline()) or fragment in proc.name():
+                    found.append(proc)
+        return found
+
+    def survivors(self) -> list[psutil.Process]:
+        return [p for p in self.seen.values() if alive(p)]
+
+    def survivors_after(self, timeout: float) -> list[psutil.Process]:
+        """Descendants still alive once ``timeout`` has passed (returns early when none are)."""
+        deadline = time.monotonic() + timeout
+        while self.survivors() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.survivors()
+
+    def cleanup(self) -> None:
+        """Kill, by pid, the scheduler and anything it forked that is still alive, then reap."""
+        self._stop_watching.set()
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(10)
+        for proc in self.survivors():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+        for proc in self.seen.values():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+                proc.wait(0.5)
+        if hasattr(self, "_log"):
+            self._log.close()

@@ -1,0 +1,83 @@
+"""Child process stop and death signal, with real processes and no Airflow."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+
+from procs import alive, wait_for
+from safe_scheduler import children
+
+
+def _deaf_with_grandchild(pid_queue) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    grandchild = subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    pid_queue.put(grandchild.pid)
+    time.sleep(600)
+
+
+def _polite(pid_queue) -> None:
+    pid_queue.put(os.getpid())
+    time.sleep(600)
+
+
+def test_child_ignoring_sigterm_is_killed_with_its_tree_after_the_timeout():
+    queue = multiprocessing.SimpleQueue()
+    child = children.ChildProcess("deaf", lambda: _deaf_with_grandchild(queue), stop_timeout=1.0)
+    child.start()
+    grandchild = psutil.Process(queue.get())
+    started = time.monotonic()
+    assert child.stop() is True
+    took = time.monotonic() - started
+    assert took >= 1.0  # it was given its timeout before the kill
+    assert not alive(grandchild)
+    assert not psutil.pid_exists(child.pid) or not alive(psutil.Process(child.pid))
+
+
+def test_polite_child_stops_on_sigterm_without_kill():
+    queue = multiprocessing.SimpleQueue()
+    child = children.ChildProcess("polite", lambda: _polite(queue), stop_timeout=10.0)
+    child.start()
+    queue.get()
+    assert child.stop() is False
+    assert child._process.exitcode == -signal.SIGTERM
+
+
+def test_stop_descendants_takes_everything_below_us():
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(3)]
+    assert children.stop_descendants(timeout=5) >= 3
+    for proc in procs:
+        assert proc.wait(5) == -signal.SIGTERM
+
+
+DEATH_SIGNAL_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, os, sys, time
+    from safe_scheduler import children
+
+    children.install_fork_hook()
+    worker = multiprocessing.Process(target=time.sleep, args=(600,))
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_forked_child_dies_with_a_sigkilled_parent():
+    parent = subprocess.Popen([sys.executable, "-c", DEATH_SIGNAL_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = psutil.Process(int(parent.stdout.readline()))
+        parent.kill()
+        parent.wait(10)
+        wait_for(lambda: not alive(worker), 10, message="the orphaned worker to die")
+    finally:
+        parent.kill()
+        parent.wait(10)

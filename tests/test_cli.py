@@ -1,0 +1,113 @@
+"""The command line: flag parity with the installed ``airflow scheduler``, and bad input refused
+with one line and exit code 2, before anything starts."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SAFE, STOCK, Deployment, base_env
+
+OUR_FLAGS = {"--shutdown-timeout", "--child-stop-timeout", "--version"}
+
+
+def _flags(help_text: str) -> set[str]:
+    """The flags of the options listing: lines that start with a flag, up to their description."""
+    flags = set()
+    for line in help_text.splitlines():
+        if re.match(r"^ {2}-", line):
+            names = re.split(r" {2,}", line.strip())[0]
+            flags.update(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", names))
+    return flags
+
+
+def _run(cmd, env, timeout=120):
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_flags_match_installed_airflow_scheduler(home):
+    env = base_env(home)
+    stock = _run(STOCK + ["--help"], env)
+    ours = _run(SAFE + ["--help"], env)
+    assert stock.returncode == 0 and ours.returncode == 0, stock.stderr + ours.stderr
+    stock_flags, our_flags = _flags(stock.stdout), _flags(ours.stdout)
+    for flag in ("--num-runs", "--skip-serve-logs", "--daemon", "--pid", "--stdout", "--stderr", "--log-file"):
+        assert flag in stock_flags  # the parse itself is sound
+    assert stock_flags <= our_flags, f"missing: {stock_flags - our_flags}"
+    assert our_flags - stock_flags == OUR_FLAGS
+
+
+def _refused(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("airflow-safe-scheduler: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expect"),
+    [
+        (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+        (["--shutdown-timeout", "-5"], {}, "--shutdown-timeout must be more than zero"),
+        (["--shutdown-timeout", "soon"], {}, "--shutdown-timeout must be a number"),
+        (["--child-stop-timeout", "nan"], {}, "--child-stop-timeout must be a finite number"),
+        (["--child-stop-timeout", "-1"], {}, "--child-stop-timeout must be zero or more"),
+        (["--shutdown-timeout", "4", "--child-stop-timeout", "9"], {}, "must not exceed shutdown_timeout"),
+        ([], {"AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT": "thirty"}, "[safe_scheduler] shutdown_timeout"),
+        ([], {"AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT": "-2"}, "[safe_scheduler] child_stop_timeout"),
+        (["--num-runs", "oops"], {}, "invalid int value"),
+        (["--only-idle"], {}, "--only-idle requires --num-runs"),
+        ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": ""}, "no metadata database configured"),
+        ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow@127.0.0.1:9/airflow"},
+         "cannot connect to the metadata database"),
+    ],
+    ids=[
+        "unknown-flag", "negative-timeout", "non-numeric-timeout", "nan-timeout", "negative-child-timeout",
+        "child-above-shutdown", "bad-env-shutdown", "bad-env-child", "bad-num-runs", "only-idle-alone",
+        "no-db", "db-unreachable",
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(home, args, env, expect):
+    line = _refused(_run(SAFE + args, dict(base_env(home), **env)))
+    assert expect in line
+
+
+def test_port_taken_is_refused(postgres, tmp_path):
+    deployment = Deployment(tmp_path / "airflow", postgres.url)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", deployment.health_port))
+        squatter.listen()
+        line = _refused(_run(SAFE, deployment.env))
+    assert f"port {deployment.health_port}" in line and "already in use" in line
+
+
+def test_uninitialised_database_is_refused(postgres, tmp_path):
+    postgres.execute("CREATE DATABASE empty")
+    url = postgres.url.rsplit("/", 1)[0] + "/empty"
+    deployment = Deployment(tmp_path / "airflow", url)
+    line = _refused(_run(SAFE, deployment.env))
+    assert "not initialised" in line and "airflow db migrate" in line
+
+
+def test_embedded_sqlite_is_set_up_and_num_runs_ends_cleanly(home):
+    """The README's first command: no database configured anywhere, Airflow's SQLite default."""
+    result = _run(SAFE + ["--num-runs", "1", "--skip-serve-logs"], base_env(home), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check = _run(
+        [sys.executable, "-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("
+         "\"select count(*) from job where job_type='SchedulerJob' and end_date is not null\").fetchone()[0])",
+         str(home / "airflow.db")],
+        base_env(home),
+    )
+    assert check.stdout.strip() == "1", check.stderr
+
+
+def test_version(home):
+    result = _run(SAFE + ["--version"], base_env(home))
+    assert result.returncode == 0
+    assert re.match(r"airflow-safe-scheduler \S+ \(Apache Airflow \d+\.\d+\.\d+", result.stdout)

@@ -1,0 +1,249 @@
+"""Fault scenarios against a real scheduler and a real PostgreSQL server.
+
+Each test starts ``airflow-safe-scheduler`` with its serve-logs and health-check children and the
+executor's workers, waits until the health check reports a heartbeat, injects a fault, and then
+checks from the outside: exit code, time from fault to exit, and that no process it forked is
+still alive.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from procs import wait_for
+
+# Margin for a loaded 2-core CI machine between "deadline" and "process observed gone".
+MARGIN = 10.0
+
+LEAKY_THREAD_PLUGIN = """
+    import threading
+
+    from airflow.listeners import hookimpl
+    from airflow.plugins_manager import AirflowPlugin
+
+
+    def _serve_forever():
+        threading.Event().wait()
+
+
+    class _Listener:
+        @hookimpl
+        def on_starting(self, component):
+            # What a metrics exporter or client library does: a non-daemon worker thread.
+            threading.Thread(target=_serve_forever, name="leaky-plugin-thread").start()
+
+
+    class LeakyThreadPlugin(AirflowPlugin):
+        name = "leaky_thread"
+        listeners = [_Listener()]
+"""
+
+BLOCKING_ATEXIT_PLUGIN = """
+    import atexit
+    import threading
+
+    from airflow.listeners import hookimpl
+    from airflow.plugins_manager import AirflowPlugin
+
+
+    def flush_forever_at_exit():
+        threading.Event().wait()
+
+
+    class _Listener:
+        @hookimpl
+        def on_starting(self, component):
+            atexit.register(flush_forever_at_exit)
+
+
+    class BlockingAtexitPlugin(AirflowPlugin):
+        name = "blocking_atexit"
+        listeners = [_Listener()]
+"""
+
+HANGING_SHUTDOWN_PLUGIN = """
+    import threading
+
+    from airflow.listeners import hookimpl
+    from airflow.plugins_manager import AirflowPlugin
+
+
+    class _Listener:
+        @hookimpl
+        def before_stopping(self, component):
+            hang_in_before_stopping()
+
+
+    def hang_in_before_stopping():
+        threading.Event().wait()
+
+
+    class HangingShutdownPlugin(AirflowPlugin):
+        name = "hanging_shutdown"
+        listeners = [_Listener()]
+"""
+
+
+def started(deployment, *args, **env):
+    """A safe scheduler that is up: heartbeating, with serve-logs, health check and workers."""
+    scheduler = deployment.scheduler(*args, **env)
+    scheduler.wait_healthy()
+    wait_for(lambda: scheduler.descendants_named("worker"), 30, message="executor workers")
+    assert scheduler.descendants_named("serve-logs"), scheduler.log()[-3000:]
+    return scheduler
+
+
+def assert_exits(scheduler, since: float, within: float) -> tuple[int, float]:
+    code = scheduler.wait_exit(within)
+    assert code is not None, f"still running {within:g}s after the fault:\n{scheduler.log()[-4000:]}"
+    return code, scheduler.exited_at - since
+
+
+def assert_no_orphans(scheduler, timeout: float = 5.0) -> None:
+    left = scheduler.survivors_after(timeout)
+    assert not left, f"processes outlived the scheduler: {[(p.pid, p.name()) for p in left]}"
+
+
+def test_db_stopped_exits_nonzero_without_orphans(deployment, postgres):
+    """The seed scenario of Airflow #32706: the metadata DB goes away under a running scheduler."""
+    scheduler = started(deployment, "--shutdown-timeout", "20")
+    children_before = len(scheduler.survivors())
+    assert children_before >= 6  # serve-logs, health check, 4 workers
+
+    postgres.stop("immediate")
+    fault = time.monotonic()
+    code, took = assert_exits(scheduler, fault, 20 + MARGIN)
+
+    assert code == 1, scheduler.log()[-4000:]
+    assert took < 20, f"exit took {took:.1f}s; the deadline is 20s"
+    assert_no_orphans(scheduler)
+
+
+def test_db_stopped_with_leaked_non_daemon_thread(deployment, postgres):
+    """A plugin's non-daemon thread holds stock Airflow forever; we exit in seconds and name it."""
+    deployment.add_plugin("leaky_thread", LEAKY_THREAD_PLUGIN)
+    scheduler = started(deployment, "--shutdown-timeout", "60")
+
+    postgres.stop("immediate")
+    fault = time.monotonic()
+    code, took = assert_exits(scheduler, fault, 60 + MARGIN)
+
+    assert code == 1, scheduler.log()[-4000:]
+    # Not the 60s deadline: the cause is known once the run is over, so we do not wait for it.
+    assert took < 30, f"took {took:.1f}s"
+    assert "leaky-plugin-thread" in scheduler.log()
+    assert_no_orphans(scheduler)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "blocker"),
+    [
+        (BLOCKING_ATEXIT_PLUGIN, "flush_forever_at_exit"),
+        (HANGING_SHUTDOWN_PLUGIN, "hang_in_before_stopping"),
+    ],
+    ids=["blocking-atexit", "hang-in-shutdown"],
+)
+def test_db_stopped_with_blocked_shutdown_is_forced(deployment, postgres, plugin, blocker):
+    deployment.add_plugin("blocker", plugin)
+    scheduler = started(deployment, "--shutdown-timeout", "8", "--child-stop-timeout", "2")
+
+    postgres.stop("immediate")
+    fault = time.monotonic()
+    code, took = assert_exits(scheduler, fault, 8 + MARGIN + 10)
+
+    assert code == 3, scheduler.log()[-4000:]
+    assert took < 8 + MARGIN, f"took {took:.1f}s"
+    log = scheduler.log()
+    # The stack dump shows where it hung: the blocking function, named by this test.
+    assert "Thread stacks at forced exit" in log and blocker in log.split("Thread stacks at forced exit", 1)[1]
+    assert_no_orphans(scheduler)
+
+
+def test_sigterm_is_a_clean_exit(deployment):
+    scheduler = started(deployment)
+    sent = scheduler.signal(signal.SIGTERM)
+    code, took = assert_exits(scheduler, sent, 30 + MARGIN)
+    assert code == 0, scheduler.log()[-4000:]
+    assert_no_orphans(scheduler)
+
+
+def test_sigterm_while_shutdown_blocked_is_forced(deployment):
+    deployment.add_plugin("blocker", HANGING_SHUTDOWN_PLUGIN)
+    scheduler = started(deployment, "--shutdown-timeout", "6", "--child-stop-timeout", "2")
+    sent = scheduler.signal(signal.SIGTERM)
+    code, took = assert_exits(scheduler, sent, 6 + MARGIN + 10)
+    assert code == 3, scheduler.log()[-4000:]
+    assert 6 <= took < 6 + MARGIN, f"took {took:.1f}s"
+    assert "hang_in_before_stopping" in scheduler.log()
+    assert_no_orphans(scheduler)
+
+
+def test_sigkill_takes_every_descendant_with_it(deployment):
+    """The kernel, not the scheduler, cleans up here: PR_SET_PDEATHSIG on every fork."""
+    scheduler = started(deployment, AIRFLOW__CORE__PARALLELISM="32")
+    wait_for(lambda: len(scheduler.descendants_named("worker")) >= 32, 30, message="32 executor workers")
+    assert len(scheduler.survivors()) >= 34
+
+    scheduler.signal(signal.SIGKILL)
+    assert scheduler.wait_exit(10) == -signal.SIGKILL
+    assert_no_orphans(scheduler, timeout=10)
+
+
+def test_child_ignoring_sigterm_is_killed_after_child_stop_timeout(deployment):
+    """The health-check server is made deaf to SIGTERM; the scheduler still stops in time."""
+    deployment.add_local_settings(
+        """
+        import signal
+
+        import airflow.utils.scheduler_health as health
+
+        _serve = health.serve_health_check
+
+
+        def deaf_health_check():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _serve()
+
+
+        health.serve_health_check = deaf_health_check
+        """
+    )
+    scheduler = started(deployment, "--shutdown-timeout", "30", "--child-stop-timeout", "3")
+    health = scheduler.descendants_named("scheduler")  # forked children keep the parent's cmdline
+    assert health
+
+    sent = scheduler.signal(signal.SIGTERM)
+    code, took = assert_exits(scheduler, sent, 30 + MARGIN)
+
+    assert code == 0, scheduler.log()[-4000:]
+    assert 3 <= took < 30, f"took {took:.1f}s: neither killed after 3s nor left to the 30s deadline"
+    assert_no_orphans(scheduler)
+
+
+# -- The same faults under stock `airflow scheduler`: the tests above can tell the difference. ------
+
+
+def test_stock_scheduler_sigkill_leaves_orphans(deployment):
+    """Documents the problem: SIGKILL of stock ``airflow scheduler`` leaves every child running."""
+    scheduler = deployment.scheduler(stock=True)
+    scheduler.wait_healthy()
+    wait_for(lambda: len(scheduler.descendants_named("worker")) >= 4, 30, message="executor workers")
+
+    scheduler.signal(signal.SIGKILL)
+    assert scheduler.wait_exit(10) == -signal.SIGKILL
+    time.sleep(3)  # a grace period for the kernel, not an assertion: orphans are counted after it
+    assert len(scheduler.survivors()) >= 6  # serve-logs, health check, 4 workers: all orphaned
+
+
+def test_stock_scheduler_with_leaked_thread_never_exits(deployment, postgres):
+    """Documents the problem: a plugin's non-daemon thread keeps a failed stock scheduler alive."""
+    deployment.add_plugin("leaky_thread", LEAKY_THREAD_PLUGIN)
+    scheduler = deployment.scheduler(stock=True)
+    scheduler.wait_healthy()
+
+    postgres.stop("immediate")
+    assert scheduler.wait_exit(30) is None, "stock Airflow exited: the zombie scenario no longer reproduces"
+    assert "Exception when executing SchedulerJob._run_scheduler_loop" in scheduler.log()
