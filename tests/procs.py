@@ -40,13 +40,45 @@ def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "c
         time.sleep(interval)
 
 
+class TreeWatcher:
+    """Records every descendant of ``pid`` while it lives, so survivors can be found afterwards."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set() and alive(self.root):
+            try:
+                for child in self.root.children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        self.seen.setdefault((child.pid, child.create_time()), child)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.05)
+
+    def survivors(self) -> list[psutil.Process]:
+        return [p for p in self.seen.values() if alive(p)]
+
+    def kill_survivors(self) -> None:
+        self._stop.set()
+        for proc in [self.root, *self.survivors()]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+        for proc in self.seen.values():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+                proc.wait(0.5)
+
+
 class SchedulerProcess:
     def __init__(self, cmd: list[str], env: dict, log_path: Path, health_port: int) -> None:
         self.cmd, self.env, self.log_path, self.health_port = cmd, env, log_path, health_port
         self.popen: subprocess.Popen | None = None
-        self.seen: dict[tuple[int, float], psutil.Process] = {}
-        self._stop_watching = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self.watchers: list[TreeWatcher] = []
         self.exited_at: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -56,30 +88,19 @@ class SchedulerProcess:
         self.popen = subprocess.Popen(
             self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
-        self._watcher.start()
+        self.watchers.append(TreeWatcher(self.popen.pid))
         return self
+
+    def follow(self, pid: int) -> TreeWatcher:
+        """Also watch ``pid`` (the daemon that this launcher process forked off)."""
+        watcher = TreeWatcher(pid)
+        self.watchers.append(watcher)
+        return watcher
 
     @property
     def pid(self) -> int:
         assert self.popen is not None
         return self.popen.pid
-
-    def _watch(self) -> None:
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not self._stop_watching.is_set():
-            try:
-                for child in root.children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        self.seen.setdefault((child.pid, child.create_time()), child)
-            except psutil.NoSuchProcess:
-                pass
-            if self.popen.poll() is not None:
-                return
-            time.sleep(0.05)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -93,11 +114,13 @@ class SchedulerProcess:
         except OSError:
             return None
 
-    def wait_healthy(self, timeout: float = 120) -> None:
+    def wait_healthy(self, timeout: float = 120, daemon: TreeWatcher | None = None) -> None:
         """Until the health-check child reports a recent scheduler heartbeat in the database."""
 
         def healthy() -> bool:
-            if self.popen.poll() is not None:
+            if daemon is not None and not alive(daemon.root):
+                raise AssertionError("the daemon exited early")
+            if daemon is None and self.popen.poll() is not None:
                 raise AssertionError(f"scheduler exited early with {self.popen.returncode}:\n{self.log()[-4000:]}")
             return self.health_status() == 200
 
@@ -126,6 +149,10 @@ class SchedulerProcess:
                     found.append(proc)
         return found
 
+    @property
+    def seen(self) -> dict[tuple[int, float], psutil.Process]:
+        return {key: proc for watcher in self.watchers for key, proc in watcher.seen.items()}
+
     def survivors(self) -> list[psutil.Process]:
         return [p for p in self.seen.values() if alive(p)]
 
@@ -138,17 +165,11 @@ class SchedulerProcess:
 
     def cleanup(self) -> None:
         """Kill, by pid, the scheduler and anything it forked that is still alive, then reap."""
-        self._stop_watching.set()
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(10)
-        for proc in self.survivors():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-        for proc in self.seen.values():
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
-                proc.wait(0.5)
+        for watcher in self.watchers:
+            watcher.kill_survivors()
         if hasattr(self, "_log"):
             self._log.close()

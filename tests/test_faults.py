@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from procs import wait_for
+from procs import alive, wait_for
 
 # Margin for a loaded 2-core CI machine between "deadline" and "process observed gone".
 MARGIN = 10.0
@@ -247,3 +247,28 @@ def test_stock_scheduler_with_leaked_thread_never_exits(deployment, postgres):
     postgres.stop("immediate")
     assert scheduler.wait_exit(30) is None, "stock Airflow exited: the zombie scenario no longer reproduces"
     assert "Exception when executing SchedulerJob._run_scheduler_loop" in scheduler.log()
+
+
+def test_daemon_mode_keeps_the_guarantees(deployment, postgres):
+    """``-D``: the watchdog and fork hook start after daemonising, in the process that stays."""
+    home = deployment.home
+    launcher = deployment.scheduler(
+        "-D", "--pid", str(home / "scheduler.pid"), "--log-file", str(home / "daemon.log"),
+        "--stdout", str(home / "daemon.out"), "--stderr", str(home / "daemon.err"),
+        "--shutdown-timeout", "20",
+    )
+    assert launcher.wait_exit(60) == 0, launcher.log()[-3000:]
+    daemon_pid = wait_for(
+        lambda: (home / "scheduler.pid").exists() and (home / "scheduler.pid").read_text().strip(),
+        60, message="the daemon's pid file",
+    )
+    daemon = launcher.follow(int(daemon_pid))
+    launcher.wait_healthy(daemon=daemon)
+    wait_for(lambda: len(daemon.survivors()) >= 6, 30, message="the daemon's children")
+
+    postgres.stop("immediate")
+    fault = time.monotonic()
+    wait_for(lambda: not alive(daemon.root), 20 + MARGIN, message="the daemon to exit")
+    assert time.monotonic() - fault < 20 + MARGIN
+    assert not daemon.survivors()
+    assert "Scheduler failed" in (home / "daemon.log").read_text() + (home / "daemon.err").read_text()
