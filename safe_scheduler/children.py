@@ -28,6 +28,8 @@ from typing import Any
 
 import psutil
 
+from safe_scheduler import metrics
+
 log = logging.getLogger("safe_scheduler.children")
 
 _PR_SET_PDEATHSIG = 1
@@ -181,6 +183,8 @@ class ChildProcess:
         process.join(max(self.stop_timeout, 1.0))
         _wait_gone(leftovers, 1.0)
         log.info("Stopped %s (pid %s, exit code %s)", self.name, process.pid, process.exitcode)
+        if killed or leftovers:
+            metrics.incr("children_killed", int(killed) + len(leftovers))
         return killed or bool(leftovers)
 
 
@@ -214,6 +218,7 @@ def stop_descendants(timeout: float) -> int:
     alive = _wait_gone(procs, timeout)
     if alive:
         log.warning("Killing %d process(es) that ignored SIGTERM: %s", len(alive), [p.pid for p in alive])
+        metrics.incr("children_killed", len(alive))
         _signal_all(alive + [c for p in alive for c in _descendants(p.pid)], signal.SIGKILL)
         _wait_gone(alive, 1.0)
     # Let multiprocessing notice its dead children, so its own atexit join does not wait on them.
@@ -221,6 +226,8 @@ def stop_descendants(timeout: float) -> int:
     return len(procs)
 
 
-def kill_descendants() -> None:
+def kill_descendants() -> int:
     """SIGKILL everything below us at once: the forced exit has no time left to be polite."""
-    _signal_all(_descendants(os.getpid()), signal.SIGKILL)
+    procs = _descendants(os.getpid())
+    _signal_all(procs, signal.SIGKILL)
+    return len(procs)

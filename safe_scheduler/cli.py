@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Settings also come from Airflow's config, section [safe_scheduler]\n"
             "(env vars AIRFLOW__SAFE_SCHEDULER__*).\n\n"
             "Exit codes: 0 clean stop, 1 scheduler failed, 2 refused to start,\n"
-            "3 forced exit after --shutdown-timeout.\n\n"
+            "3 forced exit after --shutdown-timeout, 4 hung (no heartbeat for --stall-timeout).\n\n"
             + (compat.scheduler_cli_command().epilog or "").replace("airflow scheduler", PROG)
         ),
     )
@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="Seconds a child process gets between SIGTERM and SIGKILL of its process tree. "
         "Default: [safe_scheduler] child_stop_timeout, 5.",
+    )
+    ours.add_argument(
+        "--stall-timeout",
+        metavar="SECONDS",
+        help="Seconds without a successful heartbeat after which the scheduler counts as hung and "
+        "exits (code 4); 0 disables. Default: [safe_scheduler] stall_timeout, else twice "
+        "[scheduler] scheduler_health_check_threshold.",
     )
     ours.add_argument("--version", action="store_true", help="Show the version and exit.")
     return parser
@@ -87,7 +94,12 @@ def _prepare(argv: list[str] | None):
     if getattr(args, "only_idle", False) and args.num_runs <= 0:
         raise UsageError("--only-idle requires --num-runs to be set to a positive number")
     config = settings.load(
-        {"shutdown_timeout": args.shutdown_timeout, "child_stop_timeout": args.child_stop_timeout}, conf
+        {
+            "shutdown_timeout": args.shutdown_timeout,
+            "child_stop_timeout": args.child_stop_timeout,
+            "stall_timeout": args.stall_timeout,
+        },
+        conf,
     )
     preflight.check_metadata_db(conf)
     if not args.skip_serve_logs and compat.serves_logs():

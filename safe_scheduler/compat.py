@@ -119,3 +119,37 @@ def health_check_target() -> Callable[[], None]:
 def migrate_db_command() -> list[str]:
     """The command that creates or upgrades the metadata database."""
     return [sys.executable, "-m", "airflow", "db", "migrate"]
+
+
+def stats() -> Any:
+    """Airflow's metrics facade: something with ``incr``, ``gauge`` and ``timing``."""
+    try:
+        from airflow._shared.observability.metrics import stats as airflow_stats  # 3.2+
+
+        return airflow_stats
+    except ImportError:
+        from airflow.stats import Stats  # 2.x, 3.0, 3.1
+
+        return Stats
+
+
+def metadata_engine() -> Any:
+    """The SQLAlchemy engine the scheduler uses for the metadata database."""
+    from airflow import settings as airflow_settings
+
+    return airflow_settings.engine
+
+
+def on_heartbeat(job_runner: Any, callback: Callable[[], None]) -> None:
+    """Call ``callback`` after each *successful* job heartbeat, in the thread that heartbeats.
+
+    Airflow calls the runner's ``heartbeat_callback`` only once the heartbeat row is committed.
+    """
+    original = job_runner.heartbeat_callback
+
+    def heartbeat_callback(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        callback()
+        return result
+
+    job_runner.heartbeat_callback = heartbeat_callback

@@ -12,6 +12,8 @@ FAILED = 1
 USAGE = 2
 #: Shutdown did not finish within ``shutdown_timeout``: the exit watchdog killed the process tree.
 FORCED = 3
+#: The scheduler stopped heartbeating for ``stall_timeout`` (hung, e.g. on a frozen database).
+STALLED = 4
 #: CPython's faulthandler ends a process whose shutdown hangs while holding the GIL with this code;
 #: it cannot be changed, so it shares the number with FAILED. The stack dump on stderr tells them apart.
 FORCED_GIL_HELD = 1

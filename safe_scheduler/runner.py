@@ -17,8 +17,9 @@ import time
 from contextlib import ExitStack
 from typing import Any, NoReturn
 
-from safe_scheduler import children, compat, exitcodes
+from safe_scheduler import children, compat, dbtimeouts, exitcodes, metrics, systemd
 from safe_scheduler.settings import Settings
+from safe_scheduler.stall import StallWatchdog
 from safe_scheduler.watchdog import ExitWatchdog, flush_logs
 
 log = logging.getLogger("safe_scheduler")
@@ -36,10 +37,19 @@ def _arm_before(watchdog: ExitWatchdog, reason: str, func: Any) -> Any:
     return wrapper
 
 
-def run_scheduler_job(args: argparse.Namespace, settings: Settings, watchdog: ExitWatchdog) -> None:
+def run_scheduler_job(
+    args: argparse.Namespace, settings: Settings, watchdog: ExitWatchdog, stall: StallWatchdog,
+    notifier: systemd.Notifier,
+) -> None:
     """Run the scheduler job with its serve-logs and health-check children, exception-safe."""
     compat.set_mp_start_method()
     job_runner = compat.new_job_runner(args)
+
+    def heartbeat() -> None:
+        stall.beat()
+        notifier.heartbeat()
+
+    compat.on_heartbeat(job_runner, heartbeat)
     # The scheduler loop's own ``finally`` calls ``executor.end()``, which waits for running tasks
     # with no bound: that is already shutdown, so the deadline starts there.
     for executor in compat.executors(job_runner):
@@ -57,6 +67,7 @@ def run_scheduler_job(args: argparse.Namespace, settings: Settings, watchdog: Ex
                 children.supervised("health-check", compat.health_check_target(), settings.child_stop_timeout)
             )
         try:
+            stall.start()
             compat.run_job(job_runner)
         finally:
             watchdog.arm("scheduler run ended")
@@ -90,24 +101,37 @@ def exit_code_of(exc: BaseException) -> int:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the scheduler in this process; return once it is over and every child is reaped."""
     watchdog = ExitWatchdog(settings.shutdown_timeout)
+    notifier = systemd.Notifier()
+
+    def stalled(why: str) -> None:
+        watchdog.arm(f"stalled: {why}", forced_code=exitcodes.STALLED, forced_kind="stall")
+
+    stall = StallWatchdog(settings.stall_timeout, on_stall=stalled)
+    watchdog.on_arm += [notifier.stopping, stall.stop]
     watchdog.watch_signals()
     children.install_fork_hook()
+    if settings.db_timeouts:
+        dbtimeouts.apply(compat.metadata_engine())
     started = time.monotonic()
     code = exitcodes.OK
     try:
-        run_scheduler_job(args, settings, watchdog)
+        run_scheduler_job(args, settings, watchdog, stall, notifier)
     except BaseException as exc:  # noqa: BLE001 - every way out must reach the finally below
         watchdog.arm(f"{type(exc).__name__} left the scheduler")
         code = exit_code_of(exc)
     finally:
         watchdog.arm("scheduler run ended")
         children.stop_descendants(settings.child_stop_timeout)
+    if stall.stalled:
+        code = exitcodes.STALLED
+    shutdown_took = settings.shutdown_timeout - watchdog.remaining()
+    metrics.timing("shutdown_duration", shutdown_took)
     log.info(
         "Scheduler stopped after %.1fs; exit code %d (shutdown: %s, took %.1fs)",
         time.monotonic() - started,
         code,
         watchdog.reason,
-        settings.shutdown_timeout - watchdog.remaining(),
+        shutdown_took,
     )
     return code
 

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 
 SECTION = "safe_scheduler"
 
-#: key -> default, in seconds
-DEFAULTS: dict[str, float] = {
+#: key -> default, in seconds; stall_timeout's default (None) is derived from the health check.
+DEFAULTS: dict[str, float | None] = {
     "shutdown_timeout": 30.0,
     "child_stop_timeout": 5.0,
+    "stall_timeout": None,
 }
+#: A scheduler is unhealthy after ``[scheduler] scheduler_health_check_threshold`` seconds without
+#: a heartbeat; it is declared hung after twice that, so a slow loop a probe tolerates is not killed.
+STALL_FACTOR = 2
 
 
 class UsageError(Exception):
@@ -28,6 +32,10 @@ class Settings:
     shutdown_timeout: float
     #: Seconds a child gets between SIGTERM and SIGKILL of its whole process tree.
     child_stop_timeout: float
+    #: Seconds without a successful heartbeat after which the scheduler counts as hung; 0: never.
+    stall_timeout: float = 0.0
+    #: Add connect timeouts and TCP keepalives to metadata DB connections that have none.
+    db_timeouts: bool = True
 
 
 def _seconds(raw: object, name: str, *, allow_zero: bool) -> float:
@@ -41,6 +49,15 @@ def _seconds(raw: object, name: str, *, allow_zero: bool) -> float:
         bound = "zero or more" if allow_zero else "more than zero"
         raise UsageError(f"{name} must be {bound} seconds, got {raw!r}")
     return value
+
+
+def _boolean(raw: object, name: str) -> bool:
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise UsageError(f"{name} must be True or False, got {raw!r}")
 
 
 def load(cli_overrides: dict[str, str | None], conf) -> Settings:
@@ -58,11 +75,18 @@ def load(cli_overrides: dict[str, str | None], conf) -> Settings:
             raw = conf.get(SECTION, key, fallback=None)
             raw = default if raw is None or str(raw).strip() == "" else raw
             name = f"[{SECTION}] {key}"
-        values[key] = _seconds(raw, name, allow_zero=(key == "child_stop_timeout"))
+        if raw is None:  # stall_timeout: derived from Airflow's own notion of "unhealthy"
+            threshold = conf.get("scheduler", "scheduler_health_check_threshold", fallback=30)
+            raw = STALL_FACTOR * _seconds(threshold, "[scheduler] scheduler_health_check_threshold", allow_zero=False)
+        values[key] = _seconds(raw, name, allow_zero=(key != "shutdown_timeout"))
     if values["child_stop_timeout"] > values["shutdown_timeout"]:
         raise UsageError(
             f"child_stop_timeout ({values['child_stop_timeout']:g}s) must not exceed "
             f"shutdown_timeout ({values['shutdown_timeout']:g}s): children are stopped within the "
             "shutdown deadline"
         )
-    return Settings(**values)
+    db_timeouts = conf.get(SECTION, "db_timeouts", fallback=None)
+    return Settings(
+        **values,
+        db_timeouts=True if db_timeouts in (None, "") else _boolean(db_timeouts, f"[{SECTION}] db_timeouts"),
+    )

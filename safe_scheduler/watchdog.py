@@ -27,7 +27,9 @@ import threading
 import time
 import traceback
 
-from safe_scheduler import children, exitcodes
+from collections.abc import Callable
+
+from safe_scheduler import children, exitcodes, metrics
 
 log = logging.getLogger("safe_scheduler.watchdog")
 
@@ -67,6 +69,11 @@ class ExitWatchdog:
         self.shutdown_timeout = shutdown_timeout
         self.reason: str | None = None
         self.armed_at: float | None = None
+        #: Exit code and metric name used if the deadline passes, set by whoever armed it.
+        self.forced_code = exitcodes.FORCED
+        self.forced_kind = "shutdown_deadline"
+        #: Called with the reason once, when shutdown starts (systemd STOPPING=1, stall watchdog off).
+        self.on_arm: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
 
@@ -124,12 +131,19 @@ class ExitWatchdog:
     def armed(self) -> bool:
         return self.armed_at is not None
 
-    def arm(self, reason: str) -> None:
+    def arm(self, reason: str, forced_code: int | None = None, forced_kind: str | None = None) -> None:
         """Start the shutdown deadline; later calls keep the first reason and deadline."""
         with self._lock:
             if self.armed_at is not None:
                 return
             self.reason, self.armed_at = reason, time.monotonic()
+            self.forced_code = forced_code if forced_code is not None else self.forced_code
+            self.forced_kind = forced_kind or self.forced_kind
+        for callback in self.on_arm:
+            try:
+                callback(reason)
+            except Exception:  # noqa: BLE001 - a hook must not stop the deadline from being armed
+                log.exception("shutdown hook failed")
         log.info(
             "Shutdown started (%s); the process will be gone within %gs", reason, self.shutdown_timeout
         )
@@ -145,12 +159,14 @@ class ExitWatchdog:
         time.sleep(self.remaining())
         self.force_exit(f"shutdown did not finish within {self.shutdown_timeout:g}s ({self.reason})")
 
-    def force_exit(self, why: str, code: int = exitcodes.FORCED) -> None:
+    def force_exit(self, why: str) -> None:
         """Log why, dump every stack, kill the process tree, exit now. Never returns."""
+        code = self.forced_code
         try:
             log.error("Forcing exit with code %d: %s; thread stacks follow", code, why)
             log.error("Thread stacks at forced exit:\n%s", format_all_stacks())
-            children.kill_descendants()
+            metrics.incr(f"forced_exits.{self.forced_kind}")
+            metrics.incr("children_killed", children.kill_descendants())
             flush_logs()
         finally:
             os._exit(code)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SAFE, STOCK, Deployment, base_env
 
-OUR_FLAGS = {"--shutdown-timeout", "--child-stop-timeout", "--version"}
+OUR_FLAGS = {"--shutdown-timeout", "--child-stop-timeout", "--stall-timeout", "--version"}
 
 
 def _flags(help_text: str) -> set[str]:

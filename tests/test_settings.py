@@ -8,22 +8,37 @@ from safe_scheduler.settings import Settings, UsageError, load
 
 
 class FakeConf:
-    def __init__(self, **values: str) -> None:
+    def __init__(self, health_threshold: str | None = None, **values: str) -> None:
         self.values = values
+        self.health_threshold = health_threshold
 
     def get(self, section: str, key: str, fallback=None):
+        if section == "scheduler":
+            assert key == "scheduler_health_check_threshold"
+            return self.health_threshold if self.health_threshold is not None else fallback
         assert section == "safe_scheduler"
         return self.values.get(key, fallback)
 
 
 def test_defaults():
-    assert load({}, FakeConf()) == Settings(shutdown_timeout=30.0, child_stop_timeout=5.0)
+    assert load({}, FakeConf()) == Settings(
+        shutdown_timeout=30.0, child_stop_timeout=5.0, stall_timeout=60.0, db_timeouts=True
+    )
 
 
 def test_config_then_cli_override():
-    conf = FakeConf(shutdown_timeout="12", child_stop_timeout="2.5")
-    assert load({}, conf) == Settings(12.0, 2.5)
-    assert load({"shutdown_timeout": "40", "child_stop_timeout": None}, conf) == Settings(40.0, 2.5)
+    conf = FakeConf(shutdown_timeout="12", child_stop_timeout="2.5", stall_timeout="0", db_timeouts="False")
+    assert load({}, conf) == Settings(12.0, 2.5, 0.0, False)
+    assert load({"shutdown_timeout": "40", "stall_timeout": "15"}, conf) == Settings(40.0, 2.5, 15.0, False)
+
+
+def test_stall_timeout_default_follows_the_health_check_threshold():
+    assert load({}, FakeConf(health_threshold="45")).stall_timeout == 90.0
+
+
+def test_bad_boolean():
+    with pytest.raises(UsageError, match="db_timeouts must be True or False"):
+        load({}, FakeConf(db_timeouts="maybe"))
 
 
 def test_blank_config_value_means_default():

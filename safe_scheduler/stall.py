@@ -1,0 +1,67 @@
+"""The stall watchdog: a scheduler that stops heartbeating is hung, not alive.
+
+A frozen metadata database (a stopped server, a partition, a failover that leaves connections
+dangling) leaves the scheduler's main thread waiting in the driver forever; it neither works nor
+exits, and supervisors see a live process. We count successful job heartbeats, recorded by the
+main thread itself (no ORM object is read from here), and when none has succeeded for
+``stall_timeout`` seconds we dump the stacks and start the bounded shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from safe_scheduler import metrics
+from safe_scheduler.watchdog import format_all_stacks
+
+log = logging.getLogger("safe_scheduler.stall")
+
+
+class StallWatchdog:
+    def __init__(self, stall_timeout: float, on_stall: Callable[[str], None]) -> None:
+        self.stall_timeout = stall_timeout
+        self.on_stall = on_stall
+        self.stalled = False
+        self._last_beat = time.monotonic()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Start counting now (the job's first heartbeat is due one heartbeat interval from here)."""
+        if self.stall_timeout <= 0:
+            return
+        self._last_beat = time.monotonic()
+        threading.Thread(target=self._watch, name="safe-scheduler-stall-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self._last_beat = time.monotonic()
+
+    def stop(self, reason: str = "") -> None:
+        """Shutdown has started: heartbeats are no longer expected."""
+        self._stop.set()
+
+    def seconds_since_heartbeat(self) -> float:
+        return time.monotonic() - self._last_beat
+
+    def _watch(self) -> None:
+        interval = min(1.0, self.stall_timeout / 10)
+        while not self._stop.wait(interval):
+            silent = self.seconds_since_heartbeat()
+            metrics.gauge("seconds_since_heartbeat", silent)
+            if silent >= self.stall_timeout:
+                self._stalled(silent)
+                return
+
+    def _stalled(self, silent: float) -> None:
+        self.stalled = True
+        why = f"no successful scheduler heartbeat for {silent:.0f}s (stall_timeout {self.stall_timeout:g}s)"
+        log.error("Scheduler is hung: %s; shutting down. Thread stacks:\n%s", why, format_all_stacks())
+        metrics.incr("stalls")
+        self.on_stall(why)
+        # If the main thread can still run Python, Airflow's own SIGTERM handler unwinds it
+        # gracefully; if it is stuck in C, the exit watchdog's deadline ends the process.
+        os.kill(os.getpid(), signal.SIGTERM)

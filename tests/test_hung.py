@@ -1,0 +1,227 @@
+"""A hung scheduler is a dead scheduler: frozen database, keepalives, systemd notify, metrics.
+
+All against a real scheduler and a real PostgreSQL server; the sd_notify socket and the statsd
+listener are real sockets opened by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import PYTHON
+from pg import free_port
+from procs import wait_for
+from test_faults import MARGIN, assert_exits, assert_no_orphans, started
+
+
+class Listener:
+    """Collects datagrams (statsd on UDP, sd_notify on a unix socket) in a background thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except (socket.timeout, OSError):
+                continue
+            self.messages.extend(data.decode(errors="replace").splitlines())
+
+    def has(self, pattern: str) -> bool:
+        return any(re.search(pattern, m) for m in list(self.messages))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def statsd():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    listener = Listener(sock)
+    listener.env = {
+        "AIRFLOW__METRICS__STATSD_ON": "True",
+        "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+        "AIRFLOW__METRICS__STATSD_PORT": str(sock.getsockname()[1]),
+    }
+    yield listener
+    listener.close()
+
+
+def test_frozen_db_is_a_stall_and_the_next_scheduler_works(deployment, postgres, statsd):
+    """Every PostgreSQL process SIGSTOPped: stock Airflow waits in libpq forever. We exit 4."""
+    scheduler = started(
+        deployment, "--stall-timeout", "10", "--shutdown-timeout", "8", "--child-stop-timeout", "2",
+        **statsd.env,
+    )
+    postgres.freeze()
+    fault = time.monotonic()
+    code, took = assert_exits(scheduler, fault, 10 + 8 + MARGIN + 10)
+
+    assert code == 4, scheduler.log()[-4000:]
+    assert took < 10 + 8 + MARGIN, f"took {took:.1f}s"
+    assert "Scheduler is hung" in scheduler.log() and "Thread stacks" in scheduler.log()
+    assert_no_orphans(scheduler)
+    wait_for(lambda: statsd.has(r"^airflow\.safe_scheduler\.forced_exits\.stall:1\|c"), 5,
+             message="the forced-exit metric")
+    assert statsd.has(r"^airflow\.safe_scheduler\.seconds_since_heartbeat:[\d.]+\|g")
+
+    postgres.thaw()
+    again = started(deployment)
+    again.signal(signal.SIGTERM)
+    assert again.wait_exit(30 + MARGIN) == 0
+
+
+def _seconds(text: str) -> float:
+    units = {"ms": 0.001, "sec": 1, "min": 60, "h": 3600}
+    return sum(float(v) * units[u] for v, u in re.findall(r"([\d.]+)(ms|sec|min|h)", text))
+
+
+def _keepalive_idle(db_port: int, pid: int) -> list[float | None]:
+    """For each TCP connection of ``pid`` to the DB port: seconds left on its keepalive timer.
+
+    libpq turns SO_KEEPALIVE on by default, but with the kernel's idle time (two hours): what
+    matters is the timer's length, not its presence.
+    """
+    out = subprocess.run(
+        ["ss", "-tnpoH", "state", "established", f"( dport = :{db_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    found = []
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            timer = re.search(r"timer:\(keepalive,([^,]+),", line)
+            found.append(_seconds(timer.group(1)) if timer else None)
+    return found
+
+
+def test_metadata_db_connections_get_short_keepalives(deployment, postgres):
+    scheduler = started(deployment)
+    idle = wait_for(lambda: _keepalive_idle(postgres.port, scheduler.pid), 30, message="DB connections")
+    assert all(t is not None and t <= 10 for t in idle), idle
+
+
+@pytest.mark.parametrize(
+    ("query", "env"),
+    [("?keepalives_idle=600", {}), ("", {"AIRFLOW__SAFE_SCHEDULER__DB_TIMEOUTS": "False"})],
+    ids=["user-setting-wins", "turned-off"],
+)
+def test_keepalives_are_left_alone_when_asked(deployment, postgres, query, env):
+    deployment.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = postgres.url + query
+    scheduler = started(deployment, **env)
+    idle = wait_for(lambda: _keepalive_idle(postgres.port, scheduler.pid), 30, message="DB connections")
+    assert all(t is None or t > 60 for t in idle), idle
+
+
+def test_sd_notify_messages_in_order(deployment, test_root):
+    path = str(test_root / f"notify-{os.getpid()}-{free_port()}.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    notify = Listener(sock)
+    try:
+        scheduler = started(deployment, NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
+        wait_for(lambda: notify.messages.count("WATCHDOG=1") >= 2, 30, message="two WATCHDOG=1")
+        sent = scheduler.signal(signal.SIGTERM)
+        code, _ = assert_exits(scheduler, sent, 30 + MARGIN)
+        assert code == 0
+        wait_for(lambda: notify.has("^STOPPING=1$"), 5, message="STOPPING=1")
+    finally:
+        notify.close()
+        os.unlink(path)
+    kinds = [m for m in notify.messages if m in ("READY=1", "WATCHDOG=1", "STOPPING=1")]
+    assert kinds[0] == "READY=1" and kinds[-1] == "STOPPING=1", kinds
+    assert kinds.count("READY=1") == 1 and kinds.count("STOPPING=1") == 1, kinds
+    assert "WATCHDOG=1" in kinds[1:-1]
+
+
+def test_metrics_reach_statsd(deployment, statsd):
+    """A child deaf to SIGTERM is killed: the kill and the shutdown's duration are reported."""
+    deployment.add_local_settings(
+        """
+        import signal
+        import airflow.utils.scheduler_health as health
+        _serve = health.serve_health_check
+        def deaf_health_check():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _serve()
+        health.serve_health_check = deaf_health_check
+        """
+    )
+    scheduler = started(deployment, "--child-stop-timeout", "1", **statsd.env)
+    wait_for(lambda: statsd.has(r"^airflow\.safe_scheduler\.seconds_since_heartbeat:[\d.]+\|g"), 30,
+             message="the heartbeat-age gauge")
+    sent = scheduler.signal(signal.SIGTERM)
+    code, _ = assert_exits(scheduler, sent, 30 + MARGIN)
+    assert code == 0
+    wait_for(lambda: statsd.has(r"^airflow\.safe_scheduler\.children_killed:1\|c"), 5, message="children_killed")
+    assert statsd.has(r"^airflow\.safe_scheduler\.shutdown_duration:[\d.]+\|ms")
+    assert not statsd.has(r"forced_exits")
+
+
+LOAD_DAGS = """
+    from datetime import datetime, timedelta
+
+    from airflow.sdk import DAG
+    from airflow.providers.standard.operators.empty import EmptyOperator
+
+    for n in range({dags}):
+        with DAG(
+            f"load_{{n}}", schedule=timedelta(minutes=1), start_date=datetime(2026, 1, 1),
+            catchup=True, max_active_runs=16,
+        ) as dag:
+            previous = None
+            for t in range({tasks}):
+                task = EmptyOperator(task_id=f"t{{t}}")
+                if previous:
+                    previous >> task
+                previous = task
+        globals()[dag.dag_id] = dag
+"""
+
+
+def test_healthy_scheduler_under_load_is_never_stopped_by_the_stall_watchdog(deployment, postgres):
+    (deployment.home / "dags" / "load.py").write_text(textwrap.dedent(LOAD_DAGS.format(dags=30, tasks=10)))
+    deployment.env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"http://127.0.0.1:{free_port()}/execution/"
+    deployment.env["AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL"] = "5"
+    deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+    processor_log = open(deployment.home / "dag-processor.log", "wb")
+    processor = subprocess.Popen([PYTHON, "-m", "airflow", "dag-processor"], env=deployment.env,
+                                 stdout=processor_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        scheduler = started(deployment, "--stall-timeout", "15")
+        wait_for(lambda: postgres.execute("SELECT count(*) FROM dag_run")[0][0] >= 100, 240, interval=2,
+                 message="the scheduler to create 100 DAG runs")
+        # Busy for a good while longer than the stall timeout: still alive, still heartbeating.
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            assert scheduler.popen.poll() is None, scheduler.log()[-4000:]
+            time.sleep(1)
+        assert scheduler.health_status() == 200
+        assert "Scheduler is hung" not in scheduler.log()
+        runs = postgres.execute("SELECT count(*) FROM dag_run")[0][0]
+        assert runs >= 100
+    finally:
+        processor.send_signal(signal.SIGTERM)
+        try:
+            processor.wait(30)
+        except subprocess.TimeoutExpired:
+            processor.kill()
+            processor.wait(10)
+        processor_log.close()
