@@ -40,6 +40,17 @@ def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "c
         time.sleep(interval)
 
 
+def health_status(port: int) -> int | None:
+    """HTTP status of the scheduler health check on ``port``; None if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
 class TreeWatcher:
     """Records every descendant of ``pid`` while it lives, so survivors can be found afterwards."""
 
@@ -106,13 +117,7 @@ class SchedulerProcess:
         return self.log_path.read_text(errors="replace")
 
     def health_status(self) -> int | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/health", timeout=2) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return None
+        return health_status(self.health_port)
 
     def wait_healthy(self, timeout: float = 120, daemon: TreeWatcher | None = None) -> None:
         """Until the health-check child reports a recent scheduler heartbeat in the database."""

@@ -91,7 +91,9 @@ def started(deployment, *args, **env):
     """A safe scheduler that is up: heartbeating, with serve-logs, health check and workers."""
     scheduler = deployment.scheduler(*args, **env)
     scheduler.wait_healthy()
-    wait_for(lambda: scheduler.descendants_named("worker"), 30, message="executor workers")
+    workers = int(env.get("AIRFLOW__CORE__PARALLELISM", deployment.env["AIRFLOW__CORE__PARALLELISM"]))
+    wait_for(lambda: len(scheduler.descendants_named("worker")) >= workers, 60,
+             message=f"{workers} executor workers")
     assert scheduler.descendants_named("serve-logs"), scheduler.log()[-3000:]
     return scheduler
 
@@ -184,7 +186,6 @@ def test_sigterm_while_shutdown_blocked_is_forced(deployment):
 def test_sigkill_takes_every_descendant_with_it(deployment):
     """The kernel, not the scheduler, cleans up here: PR_SET_PDEATHSIG on every fork."""
     scheduler = started(deployment, AIRFLOW__CORE__PARALLELISM="32")
-    wait_for(lambda: len(scheduler.descendants_named("worker")) >= 32, 30, message="32 executor workers")
     assert len(scheduler.survivors()) >= 34
 
     scheduler.signal(signal.SIGKILL)

@@ -1,0 +1,201 @@
+"""Deployment: the Helm overlay, the Dockerfile, supervisord — each proven as far as this machine
+allows (no Docker engine, no Kubernetes): real schema, real linter, real venv, real supervisord."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import psutil
+import yaml
+
+from conftest import base_env
+from procs import SchedulerProcess, TreeWatcher, alive, health_status, wait_for
+from safe_scheduler import watchdog
+
+REPO = Path(__file__).resolve().parent.parent
+OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
+SCHEMA = REPO.parent / "shared" / "chart" / "values.schema.json"
+BIN = Path(sys.executable).parent
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix
+
+
+def _overlay() -> dict:
+    return yaml.safe_load(OVERLAY.read_text())
+
+
+def _overlay_env() -> dict[str, str]:
+    return {item["name"]: item["value"] for item in _overlay()["scheduler"]["env"]}
+
+
+# -- Helm ------------------------------------------------------------------------------------------
+
+
+def test_overlay_validates_against_the_official_chart_schema():
+    jsonschema.validate(_overlay(), json.loads(SCHEMA.read_text()))
+
+
+def test_overlay_sets_exactly_the_described_keys():
+    assert set(_leaves(_overlay())) == {
+        "images.airflow.repository",
+        "images.airflow.tag",
+        "scheduler.args",
+        "scheduler.env",
+        "scheduler.terminationGracePeriodSeconds",
+    }
+    assert set(_overlay_env()) == {
+        "AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT",
+        "AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT",
+    }
+
+
+def test_grace_period_exceeds_our_deadline():
+    shutdown_timeout = float(_overlay_env()["AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT"])
+    grace = _overlay()["scheduler"]["terminationGracePeriodSeconds"]
+    assert grace > shutdown_timeout + watchdog.BACKSTOP_MARGIN
+
+
+def test_overlay_args_and_env_run_the_safe_scheduler(deployment):
+    """Run the container's command line as the chart would: bash -c "exec ..." with the env."""
+    args = _overlay()["scheduler"]["args"]
+    env = dict(deployment.env, **_overlay_env(), PATH=f"{BIN}:{os.environ['PATH']}")
+    pod = SchedulerProcess(args, env, deployment.home / "pod.log", deployment.health_port).start()
+    deployment.started.append(pod)
+    pod.wait_healthy()
+    assert "airflow-safe-scheduler" in " ".join(psutil.Process(pod.pid).cmdline())  # bash exec'd it
+    pod.signal(signal.SIGTERM)
+    assert pod.wait_exit(60) == 0
+
+
+# -- Docker image ----------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint():
+    done = subprocess.run([str(BIN / "hadolint"), "--failure-threshold", "style", str(REPO / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+def _dockerfile_final_stage() -> tuple[dict[str, str], str, list[str]]:
+    """(ARG defaults, the final stage's `pip install` command, its CMD)."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
+    final = text.split("\nFROM ")[-1]
+    install = re.search(r"^RUN (pip install .*)$", final, flags=re.M).group(1)
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", final, flags=re.M).group(1))
+    return defaults, install, cmd
+
+
+def test_image_smoke(tmp_path):
+    """What the image would do, without a Docker engine: build the wheel as stage 1 does, install
+    it into a fresh venv with the Dockerfile's own pip line, run the default command."""
+    defaults, install, cmd = _dockerfile_final_stage()
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(dist), str(REPO)],
+                   check=True, timeout=300, capture_output=True)
+    venv = tmp_path / "image-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = (install.replace("${AIRFLOW_VERSION}", defaults["AIRFLOW_VERSION"])
+               .replace("${PYTHON_VERSION}", defaults["PYTHON_VERSION"])
+               .replace("/opt/airflow/safe-scheduler-constraints", str(REPO / "constraints"))
+               .replace("/opt/airflow/safe-scheduler-dist", str(dist)))
+    done = subprocess.run(["bash", "-c", f"{venv}/bin/python -m {install}"], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    home = tmp_path / "airflow"
+    home.mkdir()
+    env = dict(base_env(home), PATH=f"{venv}/bin:/usr/bin:/bin")
+    helped = subprocess.run(cmd + ["--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--shutdown-timeout" in helped.stdout, helped.stderr[-2000:]
+    ran = subprocess.run(cmd + ["--num-runs", "1", "--skip-serve-logs"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+
+
+# -- supervisord -----------------------------------------------------------------------------------
+
+
+def _supervisord_conf(deployment, workdir: Path) -> Path:
+    """examples/supervisord.conf, made runnable here: our venv, the test's env, files in workdir."""
+    example = configparser.RawConfigParser()
+    example.read(REPO / "examples" / "supervisord.conf")
+    program = dict(example["program:airflow-scheduler"])
+    program["command"] = str(BIN / "airflow-safe-scheduler")
+    program["environment"] = ",".join(f'{k}="{v}"' for k, v in deployment.env.items() if '"' not in v and "%" not in v)
+    program["stdout_logfile"] = str(workdir / "scheduler.log")
+    program.pop("user", None)  # the example runs as `airflow`; here we are whoever runs the tests
+    conf = configparser.RawConfigParser()
+    conf["supervisord"] = {"logfile": str(workdir / "supervisord.log"), "pidfile": str(workdir / "supervisord.pid"),
+                           "nodaemon": "true", "childlogdir": str(workdir)}
+    conf["unix_http_server"] = {"file": str(workdir / "supervisor.sock")}
+    conf["rpcinterface:supervisor"] = {
+        "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"}
+    conf["supervisorctl"] = {"serverurl": f"unix://{workdir / 'supervisor.sock'}"}
+    conf["program:airflow-scheduler"] = program
+    path = workdir / "supervisord.conf"
+    with open(path, "w") as handle:
+        conf.write(handle)
+    return path
+
+
+def _scheduler_pid(conf: Path) -> int | None:
+    done = subprocess.run([str(BIN / "supervisorctl"), "-c", str(conf), "pid", "airflow-scheduler"],
+                          capture_output=True, text=True, timeout=30)
+    text = done.stdout.strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deployment, postgres, test_root):
+    workdir = test_root / f"supervisord-{os.getpid()}-{time.monotonic_ns()}"
+    workdir.mkdir()
+    conf = _supervisord_conf(deployment, workdir)
+    supervisord = subprocess.Popen([str(BIN / "supervisord"), "-c", str(conf)], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = TreeWatcher(supervisord.pid)
+    try:
+        first = wait_for(lambda: _scheduler_pid(conf), 60, message="supervisord to start the scheduler")
+        wait_for(lambda: health_status(deployment.health_port) == 200, 120, interval=0.5, message="the first scheduler's heartbeat")
+
+        postgres.stop("immediate")
+        wait_for(lambda: not alive(psutil.Process(first)) if psutil.pid_exists(first) else True, 60,
+                 message="the first scheduler to exit")
+        respawned = wait_for(lambda: (pid := _scheduler_pid(conf)) and pid != first and pid, 60, interval=0.3,
+                             message="supervisord to respawn it")
+        assert respawned != first
+
+        postgres.start()
+        back = postgres.execute("SELECT now()")[0][0]
+        wait_for(
+            lambda: postgres.execute(
+                "SELECT count(*) FROM job WHERE job_type = 'SchedulerJob' AND state = 'running' "
+                f"AND start_date > '{back.isoformat()}' AND latest_heartbeat > start_date"
+            )[0][0],
+            180, interval=1, message="a respawned scheduler's job to heartbeat",
+        )
+        assert _scheduler_pid(conf) not in (None, first)
+    finally:
+        supervisord.send_signal(signal.SIGTERM)
+        try:
+            supervisord.wait(90)
+        except subprocess.TimeoutExpired:
+            supervisord.kill()
+            supervisord.wait(10)
+        tree.kill_survivors()
+    assert not tree.survivors()
