@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import NoReturn
 
 from safe_scheduler import __version__, exitcodes
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(env vars AIRFLOW__SAFE_SCHEDULER__*).\n\n"
             "Exit codes: 0 clean stop, 1 scheduler failed, 2 refused to start,\n"
             "3 forced exit after --shutdown-timeout, 4 hung (no heartbeat for --stall-timeout).\n\n"
+            f"'{PROG} doctor' checks whether the installed Airflow needs one of our patches.\n\n"
             + (compat.scheduler_cli_command().epilog or "").replace("airflow scheduler", PROG)
         ),
     )
@@ -85,6 +87,7 @@ def _prepare(argv: list[str] | None):
 
     from safe_scheduler import preflight, settings
 
+    warnings.simplefilter("ignore")  # again: importing Airflow 2.x installs its own warning filters
     args = build_parser().parse_args(argv)
     if args.version:
         print(f"{PROG} {__version__} (Apache Airflow {compat.AIRFLOW_VERSION})")
@@ -116,8 +119,17 @@ def _prepare(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        from safe_scheduler import doctor
+
+        sys.exit(doctor.main(argv[1:]))
     try:
-        args, config = _prepare(argv)
+        # Deprecation warnings Airflow emits while we load it would bury the one line that says
+        # why we refuse to start; they come back once the scheduler runs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args, config = _prepare(argv)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         sys.exit(exitcodes.USAGE)

@@ -2,6 +2,10 @@
 
 The rest of the package asks this module for "the scheduler's CLI arguments", "a job runner",
 "the serve-logs target", and never looks at ``airflow.__version__`` itself.
+
+Supported: 2.6.3 (the release of the original zombie report, Airflow #32706), the last 2.x line
+(2.10/2.11) and 3.0 to 3.3. Where an API simply appeared or moved, we look for it rather than
+compare version numbers, so that releases in between work the same way.
 """
 
 from __future__ import annotations
@@ -40,9 +44,13 @@ def add_airflow_args(parser: argparse.ArgumentParser) -> None:
 
 
 def print_banner() -> None:
+    from airflow import settings as airflow_settings
     from airflow.utils import cli as cli_utils
 
-    cli_utils.print_banner()
+    if hasattr(cli_utils, "print_banner"):  # 3.x: also honours json_logs
+        cli_utils.print_banner()
+    else:
+        print(airflow_settings.HEADER)
 
 
 def wants_hot_reload(args: argparse.Namespace) -> bool:
@@ -50,19 +58,57 @@ def wants_hot_reload(args: argparse.Namespace) -> bool:
 
 
 def with_providers_configuration(func: Callable[[], Any]) -> Callable[[], Any]:
-    """Wrap ``func`` as Airflow wraps its scheduler command: provider config loaded first."""
-    from airflow.utils.providers_configuration_loader import providers_configuration_loaded
-
+    """Wrap ``func`` as Airflow wraps its scheduler command: provider config loaded first (2.7+)."""
+    try:
+        from airflow.utils.providers_configuration_loader import providers_configuration_loaded
+    except ImportError:
+        return func
     return providers_configuration_loaded(func)
 
 
 def run_with_daemon_option(args: argparse.Namespace, callback: Callable[[], None]) -> None:
     """Run ``callback`` in this process or daemonised, exactly as ``airflow scheduler`` does."""
-    from airflow.cli.commands.daemon_utils import run_command_with_daemon_option
-
+    try:
+        from airflow.cli.commands.daemon_utils import run_command_with_daemon_option
+    except ImportError:
+        _run_with_daemon_option_inline(args, callback)
+        return
     run_command_with_daemon_option(
         args=args, process_name="scheduler", callback=callback, should_setup_logging=True
     )
+
+
+def _run_with_daemon_option_inline(args: argparse.Namespace, callback: Callable[[], None]) -> None:
+    """What ``airflow scheduler`` did itself before ``daemon_utils`` existed (2.6, 2.7)."""
+    import signal
+
+    from airflow import settings as airflow_settings
+    from airflow.utils.cli import setup_locations, setup_logging, sigint_handler, sigquit_handler
+
+    if not args.daemon:
+        signal.signal(signal.SIGINT, sigint_handler)
+        signal.signal(signal.SIGTERM, sigint_handler)
+        signal.signal(signal.SIGQUIT, sigquit_handler)
+        callback()
+        return
+
+    import daemon
+    from daemon.pidfile import TimeoutPIDLockFile
+
+    pid, stdout, stderr, log_file = setup_locations("scheduler", args.pid, args.stdout, args.stderr, args.log_file)
+    handle = setup_logging(log_file)
+    with open(stdout, "a") as stdout_handle, open(stderr, "a") as stderr_handle:
+        stdout_handle.truncate(0)
+        stderr_handle.truncate(0)
+        ctx = daemon.DaemonContext(
+            pidfile=TimeoutPIDLockFile(pid, -1),
+            files_preserve=[handle],
+            stdout=stdout_handle,
+            stderr=stderr_handle,
+            umask=int(airflow_settings.DAEMON_UMASK, 8),
+        )
+        with ctx:
+            callback()
 
 
 def set_mp_start_method() -> None:
@@ -73,16 +119,39 @@ def set_mp_start_method() -> None:
 
 
 def new_job_runner(args: argparse.Namespace) -> Any:
+    """A ``SchedulerJobRunner`` set up as the installed ``airflow scheduler`` command sets it up."""
     from airflow.jobs.job import Job
     from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
 
     kwargs: dict[str, Any] = {"job": Job(), "num_runs": args.num_runs}
-    if hasattr(args, "only_idle"):
+    if hasattr(args, "only_idle"):  # 3.2+
         kwargs["only_idle"] = args.only_idle
-    return SchedulerJobRunner(**kwargs)
+    if hasattr(args, "subdir"):  # 2.x: the scheduler parsed DAGs itself
+        from airflow.utils.cli import process_subdir
+
+        kwargs["subdir"] = process_subdir(args.subdir)
+    if hasattr(args, "do_pickle"):  # 2.x
+        kwargs["do_pickle"] = args.do_pickle
+    runner = SchedulerJobRunner(**kwargs)
+
+    from airflow.executors.executor_loader import ExecutorLoader
+
+    if not AIRFLOW_3 and hasattr(ExecutorLoader, "validate_database_executor_compatibility"):
+        # 2.x refuses a parallel executor on SQLite before it starts; 3.x does it in the executor.
+        for executor in executors(runner):
+            ExecutorLoader.validate_database_executor_compatibility(type(executor))
+    try:  # 2.6-2.10: the scheduler must talk to the DB directly, not through the internal API
+        from airflow.api_internal.internal_api_call import InternalApiConfig
+    except ImportError:
+        pass
+    else:
+        if hasattr(InternalApiConfig, "force_database_direct_access"):
+            InternalApiConfig.force_database_direct_access()
+    return runner
 
 
 def executors(job_runner: Any) -> list[Any]:
+    """The executors the scheduler will ``start()`` and ``end()`` (several since 2.10)."""
     found = getattr(job_runner, "executors", None)
     if found is None:
         found = [job_runner.job.executor]
@@ -99,6 +168,8 @@ def serves_logs() -> bool:
     """Whether any configured executor wants the scheduler to serve task logs."""
     from airflow.executors.executor_loader import ExecutorLoader
 
+    if not hasattr(ExecutorLoader, "get_executor_names"):  # before 2.10: one executor
+        return ExecutorLoader.import_default_executor_cls()[0].serve_logs
     return any(
         ExecutorLoader.import_executor_cls(name)[0].serve_logs for name in ExecutorLoader.get_executor_names()
     )
@@ -117,8 +188,9 @@ def health_check_target() -> Callable[[], None]:
 
 
 def migrate_db_command() -> list[str]:
-    """The command that creates or upgrades the metadata database."""
-    return [sys.executable, "-m", "airflow", "db", "migrate"]
+    """The command that creates or upgrades the metadata database (``db upgrade`` before 2.7)."""
+    verb = "migrate" if AIRFLOW_VERSION >= Version("2.7.0") else "upgrade"
+    return [sys.executable, "-m", "airflow", "db", verb]
 
 
 def stats() -> Any:
@@ -153,3 +225,21 @@ def on_heartbeat(job_runner: Any, callback: Callable[[], None]) -> None:
         return result
 
     job_runner.heartbeat_callback = heartbeat_callback
+
+
+def stock_scheduler_leaks_children_on_error() -> bool:
+    """Whether the installed ``airflow scheduler`` has the zombie path of Airflow #32706.
+
+    There, ``_serve_logs``/``_serve_health_check`` stop their child only after a clean ``yield``
+    (no ``try/finally``): an exception in the scheduler leaves the child running, and
+    ``multiprocessing`` joins it forever at interpreter exit.
+    """
+    import inspect
+
+    try:
+        from airflow.cli.commands import scheduler_command
+
+        source = inspect.getsource(scheduler_command._serve_logs)
+    except (ImportError, AttributeError, OSError):
+        return False
+    return "finally" not in source

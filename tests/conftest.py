@@ -96,6 +96,7 @@ class Deployment:
         self.env = base_env(home)
         self.env.update(
             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=db_url,
+            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
             AIRFLOW__CORE__PARALLELISM="4",
             AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(self.log_port),
             AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK="True",

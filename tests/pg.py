@@ -159,13 +159,15 @@ def make_template(root: Path, migrate_env: dict, python: str) -> Path:
             [str(bindir() / "createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", DB_ROLE, DB_NAME],
             check=True, capture_output=True, timeout=60, **_as_pg_user(),
         )
+        from safe_scheduler import compat
+
         env = dict(migrate_env, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=server.url)
         done = subprocess.run(
-            [python, "-m", "airflow", "db", "migrate"],
+            [python, *compat.migrate_db_command()[1:]],
             env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"migrating the template database failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     finally:
         server.stop("fast")
     return server.datadir

@@ -154,6 +154,16 @@ class SchedulerProcess:
                     found.append(proc)
         return found
 
+    def listening_on(self, port: int) -> list[psutil.Process]:
+        """The descendants with a listening TCP socket on ``port`` (serve-logs, health check)."""
+        found = []
+        for proc in self.seen.values():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                       for c in proc.net_connections("tcp")):
+                    found.append(proc)
+        return found
+
     @property
     def seen(self) -> dict[tuple[int, float], psutil.Process]:
         return {key: proc for watcher in self.watchers for key, proc in watcher.seen.items()}

@@ -11,6 +11,9 @@ import sys
 import pytest
 
 from conftest import SAFE, STOCK, Deployment, base_env
+from safe_scheduler import compat
+
+pytestmark = pytest.mark.all_versions
 
 OUR_FLAGS = {"--shutdown-timeout", "--child-stop-timeout", "--stall-timeout", "--version"}
 
@@ -61,20 +64,27 @@ def _refused(result) -> str:
         ([], {"AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT": "thirty"}, "[safe_scheduler] shutdown_timeout"),
         ([], {"AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT": "-2"}, "[safe_scheduler] child_stop_timeout"),
         (["--num-runs", "oops"], {}, "invalid int value"),
-        (["--only-idle"], {}, "--only-idle requires --num-runs"),
         ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": ""}, "no metadata database configured"),
         ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow@127.0.0.1:9/airflow"},
          "cannot connect to the metadata database"),
     ],
     ids=[
         "unknown-flag", "negative-timeout", "non-numeric-timeout", "nan-timeout", "negative-child-timeout",
-        "child-above-shutdown", "bad-env-shutdown", "bad-env-child", "bad-num-runs", "only-idle-alone",
+        "child-above-shutdown", "bad-env-shutdown", "bad-env-child", "bad-num-runs",
         "no-db", "db-unreachable",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(home, args, env, expect):
     line = _refused(_run(SAFE + args, dict(base_env(home), **env)))
     assert expect in line
+
+
+def test_only_idle_alone_is_refused(home):
+    line = _refused(_run(SAFE + ["--only-idle"], base_env(home)))
+    if any("--only-idle" in arg.flags for arg in compat.scheduler_cli_command().args):
+        assert "--only-idle requires --num-runs" in line
+    else:  # releases before 3.2 have no such flag, and neither do we there
+        assert "unrecognized arguments: --only-idle" in line
 
 
 def test_port_taken_is_refused(postgres, tmp_path):

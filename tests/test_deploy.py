@@ -16,11 +16,12 @@ from pathlib import Path
 
 import jsonschema
 import psutil
+import pytest
 import yaml
 
 from conftest import base_env
 from procs import SchedulerProcess, TreeWatcher, alive, health_status, wait_for
-from safe_scheduler import watchdog
+from safe_scheduler import compat, watchdog
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
@@ -132,12 +133,12 @@ def test_image_smoke(tmp_path):
 # -- supervisord -----------------------------------------------------------------------------------
 
 
-def _supervisord_conf(deployment, workdir: Path) -> Path:
+def _supervisord_conf(deployment, workdir: Path, command: str) -> Path:
     """examples/supervisord.conf, made runnable here: our venv, the test's env, files in workdir."""
     example = configparser.RawConfigParser()
     example.read(REPO / "examples" / "supervisord.conf")
     program = dict(example["program:airflow-scheduler"])
-    program["command"] = str(BIN / "airflow-safe-scheduler")
+    program["command"] = command
     program["environment"] = ",".join(f'{k}="{v}"' for k, v in deployment.env.items() if '"' not in v and "%" not in v)
     program["stdout_logfile"] = str(workdir / "scheduler.log")
     program.pop("user", None)  # the example runs as `airflow`; here we are whoever runs the tests
@@ -162,17 +163,37 @@ def _scheduler_pid(conf: Path) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deployment, postgres, test_root):
+def _supervise(deployment, test_root: Path, command: str):
     workdir = test_root / f"supervisord-{os.getpid()}-{time.monotonic_ns()}"
     workdir.mkdir()
-    conf = _supervisord_conf(deployment, workdir)
+    conf = _supervisord_conf(deployment, workdir, command)
     supervisord = subprocess.Popen([str(BIN / "supervisord"), "-c", str(conf)], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tree = TreeWatcher(supervisord.pid)
-    try:
-        first = wait_for(lambda: _scheduler_pid(conf), 60, message="supervisord to start the scheduler")
-        wait_for(lambda: health_status(deployment.health_port) == 200, 120, interval=0.5, message="the first scheduler's heartbeat")
+    return conf, supervisord, TreeWatcher(supervisord.pid)
 
+
+def _stop_supervisord(supervisord: subprocess.Popen, tree: TreeWatcher) -> None:
+    supervisord.send_signal(signal.SIGTERM)
+    try:
+        supervisord.wait(90)
+    except subprocess.TimeoutExpired:
+        supervisord.kill()
+        supervisord.wait(10)
+    tree.kill_survivors()
+
+
+def _first_scheduler(conf: Path, deployment) -> int:
+    first = wait_for(lambda: _scheduler_pid(conf), 60, message="supervisord to start the scheduler")
+    wait_for(lambda: health_status(deployment.health_port) == 200, 120, interval=0.5,
+             message="the first scheduler's heartbeat")
+    return first
+
+
+@pytest.mark.all_versions
+def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deployment, postgres, test_root):
+    conf, supervisord, tree = _supervise(deployment, test_root, str(BIN / "airflow-safe-scheduler"))
+    try:
+        first = _first_scheduler(conf, deployment)
         postgres.stop("immediate")
         wait_for(lambda: not alive(psutil.Process(first)) if psutil.pid_exists(first) else True, 60,
                  message="the first scheduler to exit")
@@ -191,11 +212,26 @@ def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deploymen
         )
         assert _scheduler_pid(conf) not in (None, first)
     finally:
-        supervisord.send_signal(signal.SIGTERM)
-        try:
-            supervisord.wait(90)
-        except subprocess.TimeoutExpired:
-            supervisord.kill()
-            supervisord.wait(10)
-        tree.kill_survivors()
+        _stop_supervisord(supervisord, tree)
     assert not tree.survivors()
+
+
+@pytest.mark.all_versions
+def test_supervisord_and_stock_scheduler(deployment, postgres, test_root):
+    """Documents stock ``airflow scheduler`` under supervisord: where the #32706 zombie path is
+    present (2.6.3) the dead scheduler is never respawned — its process never exits."""
+    zombie_path = compat.stock_scheduler_leaks_children_on_error()
+    conf, supervisord, tree = _supervise(deployment, test_root, f"{BIN / 'airflow'} scheduler")
+    try:
+        first = _first_scheduler(conf, deployment)
+        postgres.stop("immediate")
+        if zombie_path:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert _scheduler_pid(conf) == first, "supervisord respawned stock Airflow: #32706 is gone"
+                time.sleep(1)
+        else:
+            wait_for(lambda: (pid := _scheduler_pid(conf)) and pid != first, 60, interval=0.3,
+                     message="supervisord to respawn stock airflow scheduler")
+    finally:
+        _stop_supervisord(supervisord, tree)

@@ -14,6 +14,9 @@ import time
 import pytest
 
 from procs import alive, wait_for
+from safe_scheduler import compat
+
+pytestmark = pytest.mark.all_versions
 
 # Margin for a loaded 2-core CI machine between "deadline" and "process observed gone".
 MARGIN = 10.0
@@ -87,6 +90,24 @@ HANGING_SHUTDOWN_PLUGIN = """
 """
 
 
+# airflow_local_settings.py that makes the health-check server ignore SIGTERM. It patches the
+# stdlib server the health check runs (importing Airflow modules here would be circular in 2.x).
+DEAF_HEALTH_CHECK = """
+    import http.server
+    import signal
+
+    _serve_forever = http.server.HTTPServer.serve_forever
+
+
+    def deaf_serve_forever(self, *args, **kwargs):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return _serve_forever(self, *args, **kwargs)
+
+
+    http.server.HTTPServer.serve_forever = deaf_serve_forever
+"""
+
+
 def started(deployment, *args, **env):
     """A safe scheduler that is up: heartbeating, with serve-logs, health check and workers."""
     scheduler = deployment.scheduler(*args, **env)
@@ -94,7 +115,7 @@ def started(deployment, *args, **env):
     workers = int(env.get("AIRFLOW__CORE__PARALLELISM", deployment.env["AIRFLOW__CORE__PARALLELISM"]))
     wait_for(lambda: len(scheduler.descendants_named("worker")) >= workers, 60,
              message=f"{workers} executor workers")
-    assert scheduler.descendants_named("serve-logs"), scheduler.log()[-3000:]
+    assert scheduler.listening_on(deployment.log_port), "no serve-logs child: " + scheduler.log()[-3000:]
     return scheduler
 
 
@@ -195,26 +216,9 @@ def test_sigkill_takes_every_descendant_with_it(deployment):
 
 def test_child_ignoring_sigterm_is_killed_after_child_stop_timeout(deployment):
     """The health-check server is made deaf to SIGTERM; the scheduler still stops in time."""
-    deployment.add_local_settings(
-        """
-        import signal
-
-        import airflow.utils.scheduler_health as health
-
-        _serve = health.serve_health_check
-
-
-        def deaf_health_check():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _serve()
-
-
-        health.serve_health_check = deaf_health_check
-        """
-    )
+    deployment.add_local_settings(DEAF_HEALTH_CHECK)
     scheduler = started(deployment, "--shutdown-timeout", "30", "--child-stop-timeout", "3")
-    health = scheduler.descendants_named("scheduler")  # forked children keep the parent's cmdline
-    assert health
+    assert scheduler.listening_on(deployment.health_port)
 
     sent = scheduler.signal(signal.SIGTERM)
     code, took = assert_exits(scheduler, sent, 30 + MARGIN)
@@ -225,6 +229,27 @@ def test_child_ignoring_sigterm_is_killed_after_child_stop_timeout(deployment):
 
 
 # -- The same faults under stock `airflow scheduler`: the tests above can tell the difference. ------
+
+
+def test_stock_scheduler_seed_scenario(deployment, postgres):
+    """Documents stock ``airflow scheduler`` under the seed scenario on the installed release.
+
+    Where the #32706 zombie path is present (2.6.3), the scheduler is dead but its process is still
+    alive a minute later, serve-logs with it; where upstream fixed that path, it exits non-zero.
+    """
+    zombie_path = compat.stock_scheduler_leaks_children_on_error()
+    scheduler = deployment.scheduler(stock=True)
+    scheduler.wait_healthy()
+    wait_for(lambda: scheduler.listening_on(deployment.log_port), 30, message="the serve-logs child")
+
+    postgres.stop("immediate")
+    code = scheduler.wait_exit(60)
+    if zombie_path:
+        assert code is None, f"stock Airflow exited ({code}): #32706 no longer reproduces"
+        assert "Exception when executing SchedulerJob._run_scheduler_loop" in scheduler.log()
+        assert scheduler.survivors(), "its serve-logs child is what it waits for"
+    else:
+        assert code not in (None, 0), scheduler.log()[-3000:]
 
 
 def test_stock_scheduler_sigkill_leaves_orphans(deployment):

@@ -20,7 +20,7 @@ import pytest
 from conftest import PYTHON
 from pg import free_port
 from procs import wait_for
-from test_faults import MARGIN, assert_exits, assert_no_orphans, started
+from test_faults import DEAF_HEALTH_CHECK, MARGIN, assert_exits, assert_no_orphans, started
 
 
 class Listener:
@@ -153,17 +153,7 @@ def test_sd_notify_messages_in_order(deployment, test_root):
 
 def test_metrics_reach_statsd(deployment, statsd):
     """A child deaf to SIGTERM is killed: the kill and the shutdown's duration are reported."""
-    deployment.add_local_settings(
-        """
-        import signal
-        import airflow.utils.scheduler_health as health
-        _serve = health.serve_health_check
-        def deaf_health_check():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _serve()
-        health.serve_health_check = deaf_health_check
-        """
-    )
+    deployment.add_local_settings(DEAF_HEALTH_CHECK)
     scheduler = started(deployment, "--child-stop-timeout", "1", **statsd.env)
     wait_for(lambda: statsd.has(r"^airflow\.safe_scheduler\.seconds_since_heartbeat:[\d.]+\|g"), 30,
              message="the heartbeat-age gauge")

@@ -1,0 +1,97 @@
+"""``airflow-safe-scheduler doctor``: does the installed Airflow need a patch, and which one fits?
+
+For teams that patch Airflow in place instead of running our command (``patches/README.md``).
+Reports the Airflow version, whether the known zombie paths are in its scheduler command, and
+which patch in ``patches/`` applies cleanly (``patch --dry-run``) or is already applied.
+Exit code 0: nothing to do (patched); 1: the zombie paths are there; 2: bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+#: Where patches live in a checkout of this project (the package sits beside them).
+DEFAULT_PATCHES = Path(__file__).resolve().parent.parent / "patches"
+
+
+def site_packages() -> Path:
+    """The directory that holds the ``airflow`` package: ``patch -p1 -d`` applies there."""
+    import airflow
+
+    return Path(airflow.__file__).resolve().parent.parent
+
+
+def zombie_paths() -> dict[str, bool]:
+    """Each known path to a scheduler that is dead but never exits: True where it is present."""
+    from airflow.cli.commands import scheduler_command
+
+    source = inspect.getsource(scheduler_command)
+    serve_logs = inspect.getsource(scheduler_command._serve_logs)
+    return {
+        "children stopped only after a clean exit, not in try/finally (#32706)": "finally" not in serve_logs,
+        "children only terminate()d: no timeout, no kill of their process tree": "_stop_child" not in serve_logs,
+        "no bound on the exit once the scheduler has ended": "dump_traceback_later" not in source,
+    }
+
+
+def _patch(patch_file: Path, target: Path, *extra: str) -> bool:
+    done = subprocess.run(
+        ["patch", "-p1", "--dry-run", "--force", "--silent", "-d", str(target), "-i", str(patch_file), *extra],
+        capture_output=True, text=True,
+    )
+    return done.returncode == 0
+
+
+def patch_status(patches: Path, target: Path) -> dict[str, str]:
+    """For every patch file: "applies", "applied" (reverses cleanly) or "does not fit"."""
+    status = {}
+    for patch_file in sorted(patches.glob("airflow-*.patch")):
+        if _patch(patch_file, target, "-R"):
+            status[patch_file.name] = "applied"
+        elif _patch(patch_file, target):
+            status[patch_file.name] = "applies"
+        else:
+            status[patch_file.name] = "does not fit"
+    return status
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="airflow-safe-scheduler doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", type=Path, default=DEFAULT_PATCHES,
+                        help=f"directory with the airflow-*.patch files (default: {DEFAULT_PATCHES})")
+    args = parser.parse_args(argv)
+
+    import airflow
+
+    target = site_packages()
+    print(f"Apache Airflow {airflow.__version__} in {target}")
+    paths = zombie_paths()
+    for description, present in paths.items():
+        print(f"  {'PRESENT' if present else 'fixed  '}  {description}")
+    needs_patch = any(paths.values())
+
+    if shutil.which("patch") is None:
+        print("cannot check the patches: the 'patch' command is not installed", file=sys.stderr)
+        return 1 if needs_patch else 0
+    if not args.patches.is_dir():
+        print(f"no patches directory at {args.patches}; pass --patches DIR", file=sys.stderr)
+        return 1 if needs_patch else 0
+    status = patch_status(args.patches, target)
+    fitting = [name for name, state in status.items() if state == "applies"]
+    applied = [name for name, state in status.items() if state == "applied"]
+    for name, state in status.items():
+        print(f"  {name}: {state}")
+    if applied:
+        print(f"Patched with {applied[0]}.")
+    elif needs_patch and fitting:
+        print(f"Needs a patch: {fitting[0]}:\n  patch -p1 -d {target} -i {args.patches / fitting[0]}")
+    elif needs_patch:
+        print("Needs a patch, and none of ours fits this release: run airflow-safe-scheduler instead.")
+    else:
+        print("Nothing to do: the known zombie paths are not there.")
+    return 1 if needs_patch else 0
