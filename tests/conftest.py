@@ -33,6 +33,9 @@ def pytest_configure(config: pytest.Config) -> None:
         os.chmod(root, 0o755)
         os.environ[ROOT_ENV] = root
         config._safe_scheduler_root = root  # type: ignore[attr-defined]
+        # Tests import Airflow (through safe_scheduler.compat) in this process too: keep the
+        # airflow.cfg that Airflow writes on first import out of the user's ~/airflow.
+        os.environ["AIRFLOW_HOME"] = os.path.join(root, "pytest-airflow-home")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

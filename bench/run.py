@@ -1,0 +1,291 @@
+"""Benchmark: how fast a broken scheduler gets out of the way, and what the safety costs a healthy
+one — stock ``airflow scheduler`` and ``airflow-safe-scheduler`` side by side, in the same run,
+against real PostgreSQL servers. Reports medians, maxima and safe/stock ratios, never a single
+absolute time (this machine is noisy). Writes ``bench/results/latest.md`` and ``latest.png``.
+
+    scripts/bench                 # full: 5 repetitions, 50 DAGs x 20 tasks
+    scripts/bench --quick         # 1 repetition, small load: proves it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+# This process imports Airflow too (through the test helpers): keep its airflow.cfg out of ~/airflow.
+if "AIRFLOW_HOME" not in os.environ:
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="safe-scheduler-bench-home-")
+    atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
+
+import pg  # noqa: E402
+from conftest import PYTHON, Deployment, base_env  # noqa: E402
+from procs import alive, wait_for  # noqa: E402
+from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN  # noqa: E402
+
+SAFE_ARGS = ["--shutdown-timeout", "10", "--child-stop-timeout", "3", "--stall-timeout", "10"]
+
+# name -> (plugin to install, how to inject the fault)
+SCENARIOS = {
+    "DB stopped": (None, "stop"),
+    "DB stopped + non-daemon thread": (LEAKY_THREAD_PLUGIN, "stop"),
+    "SIGTERM": (None, "sigterm"),
+    "SIGTERM + blocked exit": (HANGING_SHUTDOWN_PLUGIN, "sigterm"),
+    "DB frozen (SIGSTOP)": (None, "freeze"),
+    "SIGKILL": (None, "sigkill"),
+}
+
+
+class Bench:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        home = root / "template-home"
+        home.mkdir()
+        print("building the migrated PostgreSQL template ...", flush=True)
+        self.template = pg.make_template(root, base_env(home), PYTHON)
+
+    def deployment(self) -> tuple[Deployment, pg.PgServer]:
+        work = Path(tempfile.mkdtemp(prefix="run-", dir=self.root))
+        work.chmod(0o755)
+        server = pg.clone(self.template, work / "data")
+        server.start()
+        return Deployment(work / "airflow", server.url), server
+
+    # -- fault to exit -------------------------------------------------------------------------
+
+    def fault_to_exit(self, name: str, stock: bool, limit: float) -> dict:
+        plugin, fault = SCENARIOS[name]
+        dep, server = self.deployment()
+        try:
+            if plugin:
+                dep.add_plugin("bench_plugin", plugin)
+            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
+            scheduler.wait_healthy()
+            wait_for(lambda: len(scheduler.descendants_named("worker")) >= 4, 60, message="workers")
+            started = time.monotonic()
+            {"stop": lambda: server.stop("immediate"), "freeze": server.freeze,
+             "sigterm": lambda: scheduler.signal(signal.SIGTERM),
+             "sigkill": lambda: scheduler.signal(signal.SIGKILL)}[fault]()
+            code = scheduler.wait_exit(limit)
+            # "Gone" is the whole tree: the scheduler and every process it forked.
+            while scheduler.survivors() and time.monotonic() - started < limit:
+                time.sleep(0.05)
+            took = time.monotonic() - started
+            gone = code is not None and not scheduler.survivors()
+            orphans = len(scheduler.survivors()) if code is not None else None
+            return {"seconds": took if gone else None, "code": code, "orphans": orphans}
+        finally:
+            dep.cleanup()
+            server.destroy()
+
+    # -- overhead ------------------------------------------------------------------------------
+
+    def startup(self, stock: bool) -> float:
+        dep, server = self.deployment()
+        try:
+            begun = time.monotonic()
+            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
+            scheduler.wait_healthy()
+            return time.monotonic() - begun
+        finally:
+            dep.cleanup()
+            server.destroy()
+
+    def idle(self, stock: bool, seconds: float) -> dict:
+        dep, server = self.deployment()
+        try:
+            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
+            scheduler.wait_healthy()
+            time.sleep(5)  # settle after start-up: this is a measurement window, not an assertion
+            proc = psutil.Process(scheduler.pid)
+            before = sum(proc.cpu_times()[:2])
+            time.sleep(seconds)
+            used = sum(proc.cpu_times()[:2]) - before
+            return {"rss_mb": proc.memory_info().rss / 2**20, "cpu_s_per_min": used * 60 / seconds}
+        finally:
+            dep.cleanup()
+            server.destroy()
+
+    def throughput(self, stock: bool, dags: int, tasks: int, window: float) -> float:
+        """Task instances the scheduler moves out of 'none' per second, DAG processor running."""
+        dep, server = self.deployment()
+        dag_file = textwrap.dedent(LOAD_DAGS.format(dags=dags, tasks=tasks))
+        (dep.home / "dags" / "load.py").write_text(dag_file)
+        dep.env.update(
+            AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+            AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{pg.free_port()}/execution/",
+            AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        )
+        log = open(dep.home / "dag-processor.log", "wb")
+        processor = subprocess.Popen([PYTHON, "-m", "airflow", "dag-processor"], env=dep.env, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: server.execute("SELECT count(*) FROM serialized_dag")[0][0] >= dags, 300,
+                     interval=1, message="the DAGs to be parsed")
+            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
+            scheduler.wait_healthy()
+            count = "SELECT count(*) FROM task_instance WHERE state IS NOT NULL"
+            first = server.execute(count)[0][0]
+            time.sleep(window)  # the measurement window
+            return (server.execute(count)[0][0] - first) / window
+        finally:
+            processor.send_signal(signal.SIGTERM)
+            try:
+                processor.wait(30)
+            except subprocess.TimeoutExpired:
+                processor.kill()
+                processor.wait(10)
+            log.close()
+            dep.cleanup()
+            server.destroy()
+
+
+LOAD_DAGS = """
+    from datetime import datetime, timedelta
+    from airflow.sdk import DAG
+    from airflow.providers.standard.operators.empty import EmptyOperator
+
+    for n in range({dags}):
+        with DAG(f"load_{{n}}", schedule=timedelta(minutes=1), start_date=datetime(2026, 1, 1),
+                 catchup=True, max_active_runs=16) as dag:
+            for t in range({tasks}):
+                EmptyOperator(task_id=f"t{{t}}")
+        globals()[dag.dag_id] = dag
+"""
+
+
+def _fmt(value: float | None, limit: float) -> str:
+    return f"never (> {limit:g} s)" if value is None else f"{value:.1f}"
+
+
+def report(faults: dict, overhead: dict, args, out: Path) -> str:
+    lines = [
+        "# Benchmark: stock `airflow scheduler` vs `airflow-safe-scheduler`",
+        "",
+        f"Airflow {overhead.get('airflow', '?')}, {os.cpu_count()} cores, {args.reps} repetition(s), "
+        f"limit {args.limit:g} s. Safe scheduler flags: `{' '.join(SAFE_ARGS)}`. Command: "
+        f"`scripts/bench {' '.join(sys.argv[1:])}`.",
+        "",
+        "## Fault to exit (seconds until the scheduler and every process it forked are gone)",
+        "",
+        "| scenario | stock median | stock max | stock exit codes | stock orphans | safe median | safe max | "
+        "safe exit codes | safe orphans |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, runs in faults.items():
+        row = [name]
+        for kind in ("stock", "safe"):
+            secs = [r["seconds"] for r in runs[kind]]
+            done = [s for s in secs if s is not None]
+            median = statistics.median(done) if len(done) == len(secs) else None
+            worst = max(done) if len(done) == len(secs) else None
+            codes = sorted({str(r["code"]) for r in runs[kind]})
+            orphans = [r["orphans"] for r in runs[kind]]
+            row += [_fmt(median, args.limit), _fmt(worst, args.limit), ", ".join(codes),
+                    "still running" if None in orphans else str(max(orphans))]
+        lines.append("| " + " | ".join(row) + " |")
+    if overhead:
+        lines += ["", "## Overhead on a healthy scheduler (medians; ratio = safe / stock)", "",
+                  "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
+        for measure, (stock, safe) in overhead["rows"].items():
+            ratio = safe / stock if stock else float("nan")
+            lines.append(f"| {measure} | {stock:.3g} | {safe:.3g} | {ratio:.3f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "latest.md").write_text(text)
+    (out / "latest.json").write_text(json.dumps({"faults": faults, "overhead": overhead}, indent=1, default=str))
+    return text
+
+
+def chart(faults: dict, limit: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(faults)
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=80)
+    for offset, kind, color in ((-0.2, "stock", "#c0504d"), (0.2, "safe", "#4f81bd")):
+        for i, name in enumerate(names):
+            secs = [r["seconds"] for r in faults[name][kind]]
+            never = any(s is None for s in secs)
+            value = limit if never else statistics.median(secs)
+            ax.bar(i + offset, value, width=0.38, color=color, hatch="//" if never else None,
+                   label=kind if i == 0 else None)
+            ax.text(i + offset, value, "never" if never else f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], fontsize=8)
+    ax.set_ylabel("seconds from fault to process tree gone (median)")
+    ax.set_title(f"Fault to exit: stock vs safe scheduler (hatched: still alive at {limit:g} s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latest.png")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 repetition, small load, short windows")
+    parser.add_argument("--reps", type=int, help="repetitions per scenario (default 5, quick 1)")
+    parser.add_argument("--limit", type=float, help="seconds after which a process counts as never gone (90)")
+    parser.add_argument("--scenarios", nargs="*", choices=list(SCENARIOS), help="default: all")
+    parser.add_argument("--no-overhead", action="store_true", help="only the fault scenarios")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    args.reps = args.reps or (1 if args.quick else 5)
+    args.limit = args.limit or (45.0 if args.quick else 90.0)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    root = Path(tempfile.mkdtemp(prefix="safe-scheduler-bench-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        bench = Bench(root)
+        faults: dict = {}
+        for name in args.scenarios or SCENARIOS:
+            faults[name] = {"stock": [], "safe": []}
+            for rep in range(args.reps):
+                for kind in ("stock", "safe"):  # interleaved, so drift hits both alike
+                    result = bench.fault_to_exit(name, kind == "stock", args.limit)
+                    faults[name][kind].append(result)
+                    print(f"{name} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
+        overhead: dict = {}
+        if not args.no_overhead:
+            import airflow
+
+            rows: dict[str, list] = {}
+            samples: dict[str, dict[str, list]] = {}
+            for rep in range(args.reps):
+                for kind in ("stock", "safe"):
+                    stock = kind == "stock"
+                    got = samples.setdefault(kind, {})
+                    got.setdefault("startup to first heartbeat (s)", []).append(bench.startup(stock))
+                    idle = bench.idle(stock, 20 if args.quick else 60)
+                    got.setdefault("idle RSS of the scheduler process (MB)", []).append(idle["rss_mb"])
+                    got.setdefault("idle CPU (s per minute)", []).append(idle["cpu_s_per_min"])
+                    dags, tasks, window = (10, 5, 20) if args.quick else (50, 20, 60)
+                    got.setdefault(f"throughput, {dags} DAGs x {tasks} tasks (TIs/s)", []).append(
+                        bench.throughput(stock, dags, tasks, window))
+                    print(f"overhead [{kind} {rep + 1}/{args.reps}]: {({k: v[-1] for k, v in got.items()})}", flush=True)
+            for measure in samples["stock"]:
+                rows[measure] = (statistics.median(samples["stock"][measure]), statistics.median(samples["safe"][measure]))
+            overhead = {"airflow": airflow.__version__, "rows": rows}
+        print(report(faults, overhead, args, args.out))
+        chart(faults, args.limit, args.out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
