@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON
+from procs import wait_for
 from safe_scheduler import doctor
 from test_faults import LEAKY_THREAD_PLUGIN, MARGIN, assert_no_orphans
 
@@ -89,7 +90,7 @@ def test_patched_stock_scheduler_exits_where_unpatched_hangs(deployment, postgre
     scheduler = deployment.scheduler(stock=True, PYTHONPATH=str(copy),
                                      AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT="10")
     scheduler.wait_healthy()
-    assert scheduler.listening_on(deployment.log_port)
+    wait_for(lambda: scheduler.listening_on(deployment.log_port), 60, message="serve-logs to listen")
 
     postgres.stop("immediate")
     fault = time.monotonic()
