@@ -34,7 +34,7 @@ if "AIRFLOW_HOME" not in os.environ:
 
 import pg  # noqa: E402
 from conftest import PYTHON, Deployment, base_env  # noqa: E402
-from procs import alive, wait_for  # noqa: E402
+from procs import stop, wait_for  # noqa: E402
 from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN  # noqa: E402
 
 SAFE_ARGS = ["--shutdown-timeout", "10", "--child-stop-timeout", "3", "--stall-timeout", "10"]
@@ -143,12 +143,7 @@ class Bench:
             time.sleep(window)  # the measurement window
             return (server.execute(count)[0][0] - first) / window
         finally:
-            processor.send_signal(signal.SIGTERM)
-            try:
-                processor.wait(30)
-            except subprocess.TimeoutExpired:
-                processor.kill()
-                processor.wait(10)
+            stop(processor, 30)
             log.close()
             dep.cleanup()
             server.destroy()

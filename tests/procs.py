@@ -40,6 +40,16 @@ def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "c
         time.sleep(interval)
 
 
+def stop(popen: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL: how the tests stop a helper they started."""
+    popen.send_signal(signal.SIGTERM)
+    try:
+        popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(10)
+
+
 def health_status(port: int) -> int | None:
     """HTTP status of the scheduler health check on ``port``; None if nothing answers."""
     try:

@@ -7,7 +7,6 @@ import configparser
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import base_env
-from procs import SchedulerProcess, TreeWatcher, alive, health_status, wait_for
+from procs import SchedulerProcess, TreeWatcher, alive, health_status, stop, wait_for
 from safe_scheduler import compat, watchdog
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,12 +172,7 @@ def _supervise(deployment, test_root: Path, command: str):
 
 
 def _stop_supervisord(supervisord: subprocess.Popen, tree: TreeWatcher) -> None:
-    supervisord.send_signal(signal.SIGTERM)
-    try:
-        supervisord.wait(90)
-    except subprocess.TimeoutExpired:
-        supervisord.kill()
-        supervisord.wait(10)
+    stop(supervisord, 90)  # supervisord stops its program first
     tree.kill_survivors()
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import PYTHON
 from pg import free_port
-from procs import wait_for
+from procs import stop, wait_for
 from test_faults import DEAF_HEALTH_CHECK, MARGIN, assert_exits, assert_no_orphans, started
 
 
@@ -208,10 +208,5 @@ def test_healthy_scheduler_under_load_is_never_stopped_by_the_stall_watchdog(dep
         runs = postgres.execute("SELECT count(*) FROM dag_run")[0][0]
         assert runs >= 100
     finally:
-        processor.send_signal(signal.SIGTERM)
-        try:
-            processor.wait(30)
-        except subprocess.TimeoutExpired:
-            processor.kill()
-            processor.wait(10)
+        stop(processor, 30)
         processor_log.close()
