@@ -13,28 +13,22 @@ log = logging.getLogger("safe_scheduler.metrics")
 PREFIX = "safe_scheduler."
 
 
-def _backend():
-    from safe_scheduler import compat
+def _emit(kind: str, name: str, value: float) -> None:
+    try:
+        from safe_scheduler import compat
 
-    return compat.stats()
+        getattr(compat.stats(), kind)(PREFIX + name, value)
+    except Exception:  # noqa: BLE001
+        log.debug("could not emit %s", name, exc_info=True)
 
 
 def incr(name: str, count: int = 1) -> None:
-    try:
-        _backend().incr(PREFIX + name, count)
-    except Exception:  # noqa: BLE001
-        log.debug("could not emit %s", name, exc_info=True)
+    _emit("incr", name, count)
 
 
 def gauge(name: str, value: float) -> None:
-    try:
-        _backend().gauge(PREFIX + name, value)
-    except Exception:  # noqa: BLE001
-        log.debug("could not emit %s", name, exc_info=True)
+    _emit("gauge", name, value)
 
 
 def timing(name: str, seconds: float) -> None:
-    try:
-        _backend().timing(PREFIX + name, seconds * 1000.0)
-    except Exception:  # noqa: BLE001
-        log.debug("could not emit %s", name, exc_info=True)
+    _emit("timing", name, seconds * 1000.0)
