@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from safe_scheduler import metrics
+from safe_scheduler import metrics, threads
 from safe_scheduler.watchdog import format_all_stacks
 
 log = logging.getLogger("safe_scheduler.stall")
@@ -35,7 +35,7 @@ class StallWatchdog:
         if self.stall_timeout <= 0:
             return
         self._last_beat = time.monotonic()
-        threading.Thread(target=self._watch, name="safe-scheduler-stall-watchdog", daemon=True).start()
+        threads.start_daemon("safe-stall-wd", self._watch)
 
     def beat(self) -> None:
         self._last_beat = time.monotonic()

@@ -29,7 +29,7 @@ import traceback
 
 from collections.abc import Callable
 
-from safe_scheduler import children, exitcodes, metrics
+from safe_scheduler import children, exitcodes, metrics, threads
 
 log = logging.getLogger("safe_scheduler.watchdog")
 
@@ -86,7 +86,7 @@ class ExitWatchdog:
         signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._wakeup = (reader, writer)
         children.run_after_fork_in_child(self._forget_in_child)
-        threading.Thread(target=self._listen, args=(reader,), name="safe-scheduler-signals", daemon=True).start()
+        threads.start_daemon("safe-signals", self._listen, reader)
 
     def _forget_in_child(self) -> None:
         # A forked child inherits the wakeup fd: its signals would arm *our* deadline. Cut it loose.
@@ -148,7 +148,7 @@ class ExitWatchdog:
             "Shutdown started (%s); the process will be gone within %gs", reason, self.shutdown_timeout
         )
         faulthandler.dump_traceback_later(self.shutdown_timeout + BACKSTOP_MARGIN, exit=True)
-        threading.Thread(target=self._expire, name="safe-scheduler-exit-watchdog", daemon=True).start()
+        threads.start_daemon("safe-exit-wd", self._expire)
 
     def remaining(self) -> float:
         if self.armed_at is None:

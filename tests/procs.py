@@ -28,6 +28,20 @@ def alive(proc: psutil.Process) -> bool:
         return False
 
 
+def threads_of(pid: int) -> dict[int, tuple[str, float]]:
+    """Kernel name and CPU seconds (user + system) of each thread of ``pid``, read from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            stat = (task / "stat").read_text()
+            # The name is in parentheses and may hold spaces: the fields after it are fixed.
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            found[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
 def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "condition"):
     """Poll ``condition`` until it returns a truthy value or ``timeout`` passes."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from procs import alive, wait_for
+from procs import alive, threads_of, wait_for
 from safe_scheduler import compat
 
 pytestmark = pytest.mark.all_versions
@@ -192,6 +192,16 @@ def test_sigterm_is_a_clean_exit(deployment):
     code, took = assert_exits(scheduler, sent, 30 + MARGIN)
     assert code == 0, scheduler.log()[-4000:]
     assert_no_orphans(scheduler)
+
+
+def test_our_threads_are_named_in_the_kernel(deployment):
+    """``top -H`` and ``bench/run.py`` tell our watchdogs apart from Airflow's threads by name."""
+    scheduler = deployment.scheduler()
+    scheduler.wait_healthy()
+    wait_for(lambda: {"safe-signals", "safe-stall-wd"} <= {n for n, _ in threads_of(scheduler.pid).values()},
+             30, message=f"named threads, have {threads_of(scheduler.pid)}")
+    scheduler.signal(signal.SIGTERM)
+    assert scheduler.wait_exit(30 + MARGIN) == 0, scheduler.log()[-4000:]
 
 
 def test_sigterm_while_shutdown_blocked_is_forced(deployment):

@@ -1,0 +1,45 @@
+"""Our helper threads, named in the kernel too.
+
+CPython 3.11 leaves every thread's kernel name (``/proc/<pid>/task/<tid>/comm``) as the process
+name, so ``top -H``, ``ps -L`` and a CPU profile cannot tell our watchdogs from Airflow's threads.
+Each of ours sets its kernel name to the ``safe-…`` name it has in Python, which is what lets an
+operator, and ``bench/run.py``, see what our threads cost.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_PR_SET_NAME = 15
+#: The kernel keeps 15 bytes of a thread name.
+KERNEL_NAME_MAX = 15
+
+
+def set_kernel_name(name: str) -> bool:
+    """Name the calling thread in the kernel (Linux only; the name is cut to 15 bytes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_NAME, name.encode()[:KERNEL_NAME_MAX], 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def start_daemon(name: str, target: Callable[..., Any], *args: Any) -> threading.Thread:
+    """Start a daemon thread called ``name`` in Python and in the kernel.
+
+    Daemon, because none of our threads may ever be the reason the interpreter waits at exit.
+    """
+
+    def run() -> None:
+        set_kernel_name(name)
+        target(*args)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
