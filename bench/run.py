@@ -208,7 +208,7 @@ def report(faults: dict, overhead: dict, args, out: Path) -> str:
         "",
         f"Airflow {overhead.get('airflow', '?')}, {os.cpu_count()} cores, {args.reps} repetition(s), "
         f"limit {args.limit:g} s. Safe scheduler flags: `{' '.join(SAFE_ARGS)}`. Command: "
-        f"`scripts/bench {' '.join(sys.argv[1:])}`.",
+        f"`{' '.join(['scripts/bench', *sys.argv[1:]])}`.",
         "",
         "## Fault to exit (seconds until the scheduler and every process it forked are gone)",
         "",

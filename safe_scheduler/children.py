@@ -10,6 +10,12 @@ Two mechanisms, because neither is enough alone:
   forked by the scheduler gets ``PR_SET_PDEATHSIG``. Task-running executor workers get SIGTERM, so a
   task can still clean up (``on_kill``); our servers get SIGKILL, so none keeps holding its port
   (Airflow #40726).
+
+A death signal can be caught, though, and Airflow catches it: a worker that is supervising a task
+forwards SIGTERM to the task and carries on, and the task runs ``on_kill`` and carries on too. So
+every direct child also holds the read end of a *lifeline*, a pipe whose write end only the
+scheduler keeps open. It reads as end-of-file the moment the scheduler is gone, however it died; the
+child then allows ``orphan_grace`` seconds for that graceful path and kills its tree and itself.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from safe_scheduler import metrics
+from safe_scheduler import exitcodes, metrics, threads
 
 log = logging.getLogger("safe_scheduler.children")
 
@@ -43,6 +49,10 @@ _forking_parent_pid = 0
 _forked_from_main_thread = False
 #: Run in every child right after fork, before anything else (see ``watchdog``).
 _after_fork_callbacks: list[Callable[[], None]] = []
+#: (read end, write end) of the lifeline; in a direct child the write end is -1 (closed).
+_lifeline: tuple[int, int] | None = None
+#: Seconds an orphaned child allows its own graceful shutdown before it kills its tree.
+_orphan_grace = 5.0
 
 
 def set_death_signal(sig: int) -> bool:
@@ -71,8 +81,19 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _lifeline
     for callback in _after_fork_callbacks:
         callback()
+    if _lifeline is not None:
+        read_end, write_end = _lifeline
+        _lifeline = None
+        if write_end >= 0:
+            os.close(write_end)  # only the scheduler may hold it, or the pipe never reads as closed
+        if _forking_parent_pid == _scheduler_pid:
+            _lifeline = (read_end, -1)  # our own children close their copy of it
+            threads.start_daemon("safe-orphan-wd", _exit_when_orphaned, read_end)
+        else:
+            os.close(read_end)
     if _forking_parent_pid == _scheduler_pid:
         # The scheduler's SIGTERM handler is inherited by fork but meant for the scheduler only:
         # Airflow's ``_exit_gracefully`` does nothing outside the parent, so an executor worker
@@ -87,14 +108,38 @@ def _after_fork_in_child() -> None:
         set_death_signal(DEFAULT_DEATH_SIGNAL)
 
 
-def install_fork_hook() -> None:
-    """Make every process forked from now on (and, inherited, from its children) die with its parent."""
-    global _hook_installed, _scheduler_pid
+def install_fork_hook(orphan_grace: float = 5.0) -> None:
+    """Make every process forked from now on (and, inherited, from its children) die with its parent.
+
+    ``orphan_grace``: how long a child whose scheduler is gone waits for its own graceful shutdown
+    (a task's ``on_kill``) before it kills its process tree and exits.
+    """
+    global _hook_installed, _scheduler_pid, _lifeline, _orphan_grace
     if _hook_installed or not hasattr(os, "register_at_fork"):
         return
     _scheduler_pid = os.getpid()
+    _orphan_grace = orphan_grace
+    _lifeline = os.pipe()
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _hook_installed = True
+
+
+def _exit_when_orphaned(read_end: int) -> None:
+    """In a direct child: block until the scheduler is gone, then make sure this child follows it."""
+    try:
+        while os.read(read_end, 1):  # nobody ever writes: this returns b"" once the scheduler is gone
+            pass
+    except OSError:
+        return
+    log.warning(
+        "Scheduler (pid %d) is gone; pid %d exits within %gs, its own shutdown first",
+        _scheduler_pid, os.getpid(), _orphan_grace,
+    )
+    time.sleep(_orphan_grace)
+    tree = _descendants(os.getpid())
+    _signal_all(tree, signal.SIGKILL)
+    log.warning("Killed %d process(es) below pid %d, which outlived the scheduler", len(tree), os.getpid())
+    os._exit(exitcodes.FAILED)
 
 
 def run_after_fork_in_child(callback: Callable[[], None]) -> None:

@@ -243,3 +243,17 @@ def stock_scheduler_leaks_children_on_error() -> bool:
     except (ImportError, AttributeError, OSError):
         return False
     return "finally" not in source
+
+
+def tasks_need_api_server_and_dag_processor() -> bool:
+    """Whether tasks run only with an ``airflow api-server`` and a separate ``airflow dag-processor``.
+
+    From Airflow 3 a task talks to the execution API instead of the database, and the scheduler no
+    longer parses DAG files itself; before, ``airflow scheduler`` alone runs tasks.
+    """
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("airflow.api_fastapi.execution_api") is not None
+    except ModuleNotFoundError:  # no airflow.api_fastapi at all
+        return False

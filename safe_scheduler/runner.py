@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     stall = StallWatchdog(settings.stall_timeout, on_stall=stalled)
     watchdog.on_arm += [notifier.stopping, stall.stop]
     watchdog.watch_signals()
-    children.install_fork_hook()
+    children.install_fork_hook(orphan_grace=settings.child_stop_timeout)
     if settings.db_timeouts:
         dbtimeouts.apply(compat.metadata_engine())
     started = time.monotonic()

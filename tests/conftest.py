@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pg  # noqa: E402
-from procs import SchedulerProcess  # noqa: E402
+from procs import SchedulerProcess, http_status, wait_for  # noqa: E402
 
 ROOT_ENV = "SAFE_SCHEDULER_TEST_ROOT"
 PYTHON = sys.executable
@@ -121,6 +121,21 @@ class Deployment:
         proc = SchedulerProcess(cmd, dict(self.env, **env), log, self.health_port)
         self.started.append(proc)
         return proc.start()
+
+    def start_task_services(self) -> None:
+        """What running tasks needs besides the scheduler: from Airflow 3, api-server and dag-processor."""
+        from safe_scheduler import compat
+
+        if not compat.tasks_need_api_server_and_dag_processor():
+            return
+        api_port = pg.free_port()
+        api = f"http://127.0.0.1:{api_port}/execution/"
+        # A loaded CI machine answers the first requests slowly; the default 5 s fails the task.
+        self.env.update(AIRFLOW__CORE__EXECUTION_API_SERVER_URL=api, AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="60")
+        for cmd in (["api-server", "--port", str(api_port)], ["dag-processor"]):
+            helper = SchedulerProcess([PYTHON, "-m", "airflow", *cmd], self.env, self.home / f"{cmd[0]}.log", 0)
+            self.started.append(helper.start())
+        wait_for(lambda: http_status(api + "health") == 200, 180, interval=0.5, message="the api-server")
 
     def cleanup(self) -> None:
         for proc in self.started:

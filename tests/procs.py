@@ -64,15 +64,20 @@ def stop(popen: subprocess.Popen, timeout: float) -> None:
         popen.wait(10)
 
 
-def health_status(port: int) -> int | None:
-    """HTTP status of the scheduler health check on ``port``; None if nothing answers."""
+def http_status(url: str) -> int | None:
+    """HTTP status of a GET of ``url``; None if nothing answers."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2) as resp:
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
     except OSError:
         return None
+
+
+def health_status(port: int) -> int | None:
+    """HTTP status of the scheduler health check on ``port``; None if nothing answers."""
+    return http_status(f"http://127.0.0.1:{port}/health")
 
 
 class TreeWatcher:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -81,3 +82,57 @@ def test_forked_child_dies_with_a_sigkilled_parent():
     finally:
         parent.kill()
         parent.wait(10)
+
+
+# Airflow 3's LocalExecutor worker forwards SIGTERM to the task it supervises, and the task runner
+# answers SIGTERM with ``on_kill()`` and then carries on: a death signal alone ends neither.
+CATCHING_WORKER_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, os, signal, sys, time
+    from safe_scheduler import children
+
+    children.install_fork_hook(orphan_grace=2.0)
+
+    def task(queue, marker):
+        signal.signal(signal.SIGTERM, lambda signum, frame: open(marker, "w").write("on_kill ran"))
+        queue.put(os.getpid())
+        while True:
+            time.sleep(1)
+
+    def worker(queue, marker):
+        task_pid = os.fork()
+        if task_pid == 0:
+            task(queue, marker)
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(task_pid, signum))
+        queue.put(os.getpid())
+        while True:
+            time.sleep(1)
+
+    if __name__ == "__main__":
+        queue = multiprocessing.SimpleQueue()
+        proc = multiprocessing.Process(target=worker, args=(queue, sys.argv[1]))
+        proc.start()
+        ready = {queue.get(), queue.get()}  # both have their handlers in place
+        print(proc.pid, (ready - {proc.pid}).pop(), flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_child_that_catches_its_death_signal_still_follows_a_sigkilled_parent(tmp_path):
+    marker = tmp_path / "on_kill"
+    parent = subprocess.Popen([sys.executable, "-c", CATCHING_WORKER_SCRIPT, str(marker)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        worker, task = (psutil.Process(int(pid)) for pid in parent.stdout.readline().split())
+        parent.kill()
+        parent.wait(10)
+        # The task is given the grace to clean up, then the worker takes it and itself down.
+        wait_for(lambda: not alive(worker) and not alive(task), 2.0 + 10, message="worker and task to die")
+        assert marker.read_text() == "on_kill ran"
+    finally:
+        parent.kill()
+        parent.wait(10)
+        for proc in (worker, task):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()

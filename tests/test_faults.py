@@ -9,8 +9,10 @@ still alive.
 from __future__ import annotations
 
 import signal
+import textwrap
 import time
 
+import psutil
 import pytest
 
 from procs import alive, threads_of, wait_for
@@ -223,6 +225,58 @@ def test_sigkill_takes_every_descendant_with_it(deployment):
     scheduler.signal(signal.SIGKILL)
     assert scheduler.wait_exit(10) == -signal.SIGKILL
     assert_no_orphans(scheduler, timeout=10)
+
+
+RUNNING_TASKS_DAG = """
+    import os
+    import time
+    from datetime import datetime
+
+    try:
+        from airflow.sdk import DAG, BaseOperator
+    except ImportError:  # Airflow 2
+        from airflow import DAG
+        from airflow.models import BaseOperator
+
+
+    class Sleeper(BaseOperator):
+        def execute(self, context):
+            open(os.path.join({marks!r}, f"started-{{self.task_id}}"), "w").write(str(os.getpid()))
+            time.sleep(600)
+
+        def on_kill(self):
+            open(os.path.join({marks!r}, f"on_kill-{{self.task_id}}"), "w").write(str(os.getpid()))
+
+
+    with DAG("long_tasks", schedule="@once", start_date=datetime(2026, 1, 1), catchup=False):
+        Sleeper(task_id="a")
+        Sleeper(task_id="b")
+"""
+
+
+def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
+    """Tasks get SIGTERM (their ``on_kill`` runs), then nothing of the scheduler's outlives it.
+
+    The death signal alone is not enough: Airflow 3's worker forwards it to the task it supervises,
+    and the task runner answers with ``on_kill`` and carries on. The lifeline ends both.
+    """
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (deployment.home / "dags" / "long_tasks.py").write_text(textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks))))
+    deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+    deployment.start_task_services()
+    scheduler = deployment.scheduler("--child-stop-timeout", "3")
+    scheduler.wait_healthy()
+    wait_for(lambda: len(list(marks.glob("started-*"))) == 2, 240, interval=0.5,
+             message=f"both tasks to run; scheduler log:\n{scheduler.log()[-3000:]}")
+    tasks = [psutil.Process(int(mark.read_text())) for mark in marks.glob("started-*")]
+
+    scheduler.signal(signal.SIGKILL)
+    assert scheduler.wait_exit(10) == -signal.SIGKILL
+    left = scheduler.survivors_after(3 + MARGIN)
+    assert not left, f"outlived the scheduler: {[(p.pid, ' '.join(p.cmdline())) for p in left]}"
+    assert not any(alive(task) for task in tasks)
+    assert sorted(m.name for m in marks.glob("on_kill-*")) == ["on_kill-a", "on_kill-b"]
 
 
 def test_child_ignoring_sigterm_is_killed_after_child_stop_timeout(deployment):
