@@ -123,8 +123,10 @@ def test_child_that_catches_its_death_signal_still_follows_a_sigkilled_parent(tm
     marker = tmp_path / "on_kill"
     parent = subprocess.Popen([sys.executable, "-c", CATCHING_WORKER_SCRIPT, str(marker)],
                               stdout=subprocess.PIPE, text=True)
+    started: list[psutil.Process] = []
     try:
-        worker, task = (psutil.Process(int(pid)) for pid in parent.stdout.readline().split())
+        started += [psutil.Process(int(pid)) for pid in parent.stdout.readline().split()]
+        worker, task = started
         parent.kill()
         parent.wait(10)
         # The task is given the grace to clean up, then the worker takes it and itself down.
@@ -133,6 +135,6 @@ def test_child_that_catches_its_death_signal_still_follows_a_sigkilled_parent(tm
     finally:
         parent.kill()
         parent.wait(10)
-        for proc in (worker, task):
+        for proc in started:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()

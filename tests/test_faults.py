@@ -267,9 +267,15 @@ def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
     deployment.start_task_services()
     scheduler = deployment.scheduler("--child-stop-timeout", "3")
     scheduler.wait_healthy()
-    wait_for(lambda: len(list(marks.glob("started-*"))) == 2, 240, interval=0.5,
-             message=f"both tasks to run; scheduler log:\n{scheduler.log()[-3000:]}")
-    tasks = [psutil.Process(int(mark.read_text())) for mark in marks.glob("started-*")]
+    def task_pids() -> list[int]:
+        pids = [mark.read_text() for mark in marks.glob("started-*")]  # a mark may exist still empty
+        return [int(pid) for pid in pids] if len(pids) == 2 and all(pids) else []
+
+    try:
+        pids = wait_for(task_pids, 240, interval=0.5, message="both tasks to run")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; scheduler log:\n{scheduler.log()[-3000:]}") from None
+    tasks = [psutil.Process(pid) for pid in pids]
 
     scheduler.signal(signal.SIGKILL)
     assert scheduler.wait_exit(10) == -signal.SIGKILL
