@@ -90,15 +90,35 @@ class TreeWatcher:
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
+    def _record(self) -> list[psutil.Process]:
+        try:
+            children = self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.seen.setdefault((child.pid, child.create_time()), child)
+        return children
+
     def _watch(self) -> None:
         while not self._stop.is_set() and alive(self.root):
-            try:
-                for child in self.root.children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        self.seen.setdefault((child.pid, child.create_time()), child)
-            except psutil.NoSuchProcess:
-                return
+            self._record()
             time.sleep(0.05)
+
+    def freeze(self) -> None:
+        """SIGSTOP the tree, top down, recording it: nothing forked after the last poll escapes us.
+
+        Killing a live tree from the top races with its forks: a worker forked between two polls is
+        never recorded, and a stock scheduler's workers outlive it.
+        """
+        self._stop.set()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if alive(self.root):
+                self.root.send_signal(signal.SIGSTOP)
+        for _ in range(3):  # a child may fork until it is stopped too
+            for child in self._record():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.send_signal(signal.SIGSTOP)
 
     def survivors(self) -> list[psutil.Process]:
         return [p for p in self.seen.values() if alive(p)]
@@ -209,6 +229,8 @@ class SchedulerProcess:
 
     def cleanup(self) -> None:
         """Kill, by pid, the scheduler and anything it forked that is still alive, then reap."""
+        for watcher in self.watchers:
+            watcher.freeze()
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
