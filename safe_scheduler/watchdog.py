@@ -139,6 +139,11 @@ class ExitWatchdog:
             self.reason, self.armed_at = reason, time.monotonic()
             self.forced_code = forced_code if forced_code is not None else self.forced_code
             self.forced_kind = forced_kind or self.forced_kind
+        # The deadline first, logging and hooks after: a signal handler that raised inside logging's
+        # lock release leaves that lock held (suspected on Airflow 2.11 at start-up), and then any log
+        # call blocks forever. The GIL-free backstop still ends the process if force_exit blocks too.
+        faulthandler.dump_traceback_later(self.shutdown_timeout + BACKSTOP_MARGIN, exit=True)
+        threads.start_daemon("safe-exit-wd", self._expire)
         for callback in self.on_arm:
             try:
                 callback(reason)
@@ -147,8 +152,6 @@ class ExitWatchdog:
         log.info(
             "Shutdown started (%s); the process will be gone within %gs", reason, self.shutdown_timeout
         )
-        faulthandler.dump_traceback_later(self.shutdown_timeout + BACKSTOP_MARGIN, exit=True)
-        threads.start_daemon("safe-exit-wd", self._expire)
 
     def remaining(self) -> float:
         if self.armed_at is None:

@@ -198,8 +198,7 @@ def test_sigterm_is_a_clean_exit(deployment):
 
 def test_our_threads_are_named_in_the_kernel(deployment):
     """``top -H`` and ``bench/run.py`` tell our watchdogs apart from Airflow's threads by name."""
-    scheduler = deployment.scheduler()
-    scheduler.wait_healthy()
+    scheduler = started(deployment)
     wait_for(lambda: {"safe-signals", "safe-stall-wd"} <= {n for n, _ in threads_of(scheduler.pid).values()},
              30, message=f"named threads, have {threads_of(scheduler.pid)}")
     scheduler.signal(signal.SIGTERM)
