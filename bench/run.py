@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -147,13 +146,11 @@ class Bench:
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
             AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME="0",
         )
-        log = open(dep.home / "dag-processor.log", "wb")
-        processor = subprocess.Popen([PYTHON, "-m", "airflow", "dag-processor"], env=dep.env, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
+            processor = dep.airflow("dag-processor")
             wait_for(lambda: server.execute("SELECT count(*) FROM serialized_dag")[0][0] >= dags, 300,
                      interval=1, message="the DAGs to be parsed")
-            stop(processor, 30)
+            stop(processor.popen, 30)
             scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
             scheduler.wait_healthy()
             count = "SELECT count(*) FROM task_instance WHERE state = 'success'"
@@ -166,8 +163,6 @@ class Bench:
                 raise RuntimeError(f"nothing was scheduled; see {dep.home}/scheduler-0.log")
             return {"tis_per_s": done / window, "cpu_s_per_1000": cpu * 1000 / done}
         finally:
-            stop(processor, 30)
-            log.close()
             dep.cleanup()
             server.destroy()
 

@@ -122,6 +122,13 @@ class Deployment:
         self.started.append(proc)
         return proc.start()
 
+    def airflow(self, *args: str) -> SchedulerProcess:
+        """Start another Airflow command here (``dag-processor``, ``api-server``), logged to
+        ``<command>.log`` and killed by pid, with everything it forked, when the deployment is."""
+        helper = SchedulerProcess([PYTHON, "-m", "airflow", *args], self.env, self.home / f"{args[0]}.log", 0)
+        self.started.append(helper)
+        return helper.start()
+
     def start_task_services(self) -> None:
         """What running tasks needs besides the scheduler: from Airflow 3, api-server and dag-processor."""
         from safe_scheduler import compat
@@ -132,9 +139,8 @@ class Deployment:
         api = f"http://127.0.0.1:{api_port}/execution/"
         # A loaded CI machine answers the first requests slowly; the default 5 s fails the task.
         self.env.update(AIRFLOW__CORE__EXECUTION_API_SERVER_URL=api, AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="60")
-        for cmd in (["api-server", "--port", str(api_port)], ["dag-processor"]):
-            helper = SchedulerProcess([PYTHON, "-m", "airflow", *cmd], self.env, self.home / f"{cmd[0]}.log", 0)
-            self.started.append(helper.start())
+        self.airflow("api-server", "--port", str(api_port))
+        self.airflow("dag-processor")
         wait_for(lambda: http_status(api + "health") == 200, 180, interval=0.5, message="the api-server")
 
     def cleanup(self) -> None:

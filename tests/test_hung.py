@@ -17,9 +17,8 @@ import time
 
 import pytest
 
-from conftest import PYTHON
 from pg import free_port
-from procs import stop, wait_for
+from procs import wait_for
 from test_faults import DEAF_HEALTH_CHECK, MARGIN, assert_exits, assert_no_orphans, started
 
 
@@ -191,22 +190,16 @@ def test_healthy_scheduler_under_load_is_never_stopped_by_the_stall_watchdog(dep
     deployment.env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"http://127.0.0.1:{free_port()}/execution/"
     deployment.env["AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL"] = "5"
     deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
-    processor_log = open(deployment.home / "dag-processor.log", "wb")
-    processor = subprocess.Popen([PYTHON, "-m", "airflow", "dag-processor"], env=deployment.env,
-                                 stdout=processor_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        scheduler = started(deployment, "--stall-timeout", "15")
-        wait_for(lambda: postgres.execute("SELECT count(*) FROM dag_run")[0][0] >= 100, 240, interval=2,
-                 message="the scheduler to create 100 DAG runs")
-        # Busy for a good while longer than the stall timeout: still alive, still heartbeating.
-        deadline = time.monotonic() + 45
-        while time.monotonic() < deadline:
-            assert scheduler.popen.poll() is None, scheduler.log()[-4000:]
-            time.sleep(1)
-        assert scheduler.health_status() == 200
-        assert "Scheduler is hung" not in scheduler.log()
-        runs = postgres.execute("SELECT count(*) FROM dag_run")[0][0]
-        assert runs >= 100
-    finally:
-        stop(processor, 30)
-        processor_log.close()
+    deployment.airflow("dag-processor")  # killed with the deployment
+    scheduler = started(deployment, "--stall-timeout", "15")
+    wait_for(lambda: postgres.execute("SELECT count(*) FROM dag_run")[0][0] >= 100, 240, interval=2,
+             message="the scheduler to create 100 DAG runs")
+    # Busy for a good while longer than the stall timeout: still alive, still heartbeating.
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        assert scheduler.popen.poll() is None, scheduler.log()[-4000:]
+        time.sleep(1)
+    assert scheduler.health_status() == 200
+    assert "Scheduler is hung" not in scheduler.log()
+    runs = postgres.execute("SELECT count(*) FROM dag_run")[0][0]
+    assert runs >= 100
