@@ -116,13 +116,13 @@ class Bench:
             scheduler.wait_healthy()
             time.sleep(5)  # settle after start-up: this is a measurement window, not an assertion
             proc = psutil.Process(scheduler.pid)
-            before, ours_before = sum(proc.cpu_times()[:2]), _ours(scheduler.pid)
+            before, ours_before = sum(proc.cpu_times()[:2]), sum(_ours(scheduler.pid))
             time.sleep(seconds)
-            used, ours = sum(proc.cpu_times()[:2]) - before, _ours(scheduler.pid, ours_before)
-            if not stock and not any(n.startswith("safe-") for n, _ in threads_of(scheduler.pid).values()):
+            used, ours_now = sum(proc.cpu_times()[:2]) - before, _ours(scheduler.pid)
+            if not stock and not ours_now:
                 raise RuntimeError("no safe-… threads found in the safe scheduler: cannot measure their CPU")
             return {"rss_mb": proc.memory_info().rss / 2**20, "cpu_s_per_min": used * 60 / seconds,
-                    "ours_pct_core": ours * 100 / seconds}
+                    "ours_pct_core": (sum(ours_now) - ours_before) * 100 / seconds}
         finally:
             dep.cleanup()
             server.destroy()
@@ -167,9 +167,9 @@ class Bench:
             server.destroy()
 
 
-def _ours(pid: int, since: float = 0.0) -> float:
-    """CPU seconds used by the scheduler's ``safe-…`` threads (minus ``since``)."""
-    return sum(cpu for name, cpu in threads_of(pid).values() if name.startswith("safe-")) - since
+def _ours(pid: int) -> list[float]:
+    """CPU seconds used so far by each of the scheduler's ``safe-…`` threads."""
+    return [cpu for name, cpu in threads_of(pid).values() if name.startswith("safe-")]
 
 
 LOAD_DAGS = """

@@ -21,12 +21,10 @@ child then allows ``orphan_grace`` seconds for that graceful path and kills its 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,10 +33,9 @@ from typing import Any
 import psutil
 
 from safe_scheduler import exitcodes, metrics, threads
+from safe_scheduler.prctl import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger("safe_scheduler.children")
-
-_PR_SET_PDEATHSIG = 1
 
 #: Signal the kernel sends a forked child when the scheduler dies: SIGTERM lets tasks clean up.
 DEFAULT_DEATH_SIGNAL = signal.SIGTERM
@@ -49,8 +46,9 @@ _forking_parent_pid = 0
 _forked_from_main_thread = False
 #: Run in every child right after fork, before anything else (see ``watchdog``).
 _after_fork_callbacks: list[Callable[[], None]] = []
-#: (read end, write end) of the lifeline; in a direct child the write end is -1 (closed).
-_lifeline: tuple[int, int] | None = None
+#: The lifeline's ends; -1 where this process does not hold that end.
+_lifeline_read = -1
+_lifeline_write = -1
 #: Seconds an orphaned child allows its own graceful shutdown before it kills its tree.
 _orphan_grace = 5.0
 
@@ -61,13 +59,7 @@ def set_death_signal(sig: int) -> bool:
     If the parent is already gone by the time we ask (it died between fork and here), the request
     would never fire: deliver ``sig`` to ourselves at once instead.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+    if not prctl(PR_SET_PDEATHSIG, int(sig)):
         return False
     if _forking_parent_pid and os.getppid() != _forking_parent_pid:
         os.kill(os.getpid(), sig)
@@ -81,25 +73,23 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lifeline
+    global _lifeline_read, _lifeline_write
     for callback in _after_fork_callbacks:
         callback()
-    if _lifeline is not None:
-        read_end, write_end = _lifeline
-        _lifeline = None
-        if write_end >= 0:
-            os.close(write_end)  # only the scheduler may hold it, or the pipe never reads as closed
-        if _forking_parent_pid == _scheduler_pid:
-            _lifeline = (read_end, -1)  # our own children close their copy of it
-            threads.start_daemon("safe-orphan-wd", _exit_when_orphaned, read_end)
-        else:
-            os.close(read_end)
+    if _lifeline_write >= 0:
+        os.close(_lifeline_write)  # only the scheduler may hold it, or the pipe never reads as closed
+        _lifeline_write = -1
     if _forking_parent_pid == _scheduler_pid:
+        if _lifeline_read >= 0:
+            threads.start_daemon("safe-orphan-wd", _exit_when_orphaned, _lifeline_read)
         # The scheduler's SIGTERM handler is inherited by fork but meant for the scheduler only:
         # Airflow's ``_exit_gracefully`` does nothing outside the parent, so an executor worker
         # would ignore SIGTERM, its death signal included. Give the child the default disposition
         # it would have had if spawned; the task processes it starts install their own handlers.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    elif _lifeline_read >= 0:
+        os.close(_lifeline_read)  # a grandchild: its parent watches the lifeline for it
+        _lifeline_read = -1
     # PR_SET_PDEATHSIG fires when the *thread* that forked exits, not the process. A child forked by
     # a short-lived helper thread would be killed when that thread ends, so only children forked by
     # the main thread (serve-logs, health check, executor workers) are tied to us by the kernel.
@@ -114,12 +104,12 @@ def install_fork_hook(orphan_grace: float = 5.0) -> None:
     ``orphan_grace``: how long a child whose scheduler is gone waits for its own graceful shutdown
     (a task's ``on_kill``) before it kills its process tree and exits.
     """
-    global _hook_installed, _scheduler_pid, _lifeline, _orphan_grace
+    global _hook_installed, _scheduler_pid, _lifeline_read, _lifeline_write, _orphan_grace
     if _hook_installed or not hasattr(os, "register_at_fork"):
         return
     _scheduler_pid = os.getpid()
     _orphan_grace = orphan_grace
-    _lifeline = os.pipe()
+    _lifeline_read, _lifeline_write = os.pipe()
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _hook_installed = True
 

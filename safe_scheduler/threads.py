@@ -8,26 +8,19 @@ operator, and ``bench/run.py``, see what our threads cost.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-_PR_SET_NAME = 15
+from safe_scheduler.prctl import PR_SET_NAME, prctl
+
 #: The kernel keeps 15 bytes of a thread name.
 KERNEL_NAME_MAX = 15
 
 
 def set_kernel_name(name: str) -> bool:
     """Name the calling thread in the kernel (Linux only; the name is cut to 15 bytes)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_NAME, name.encode()[:KERNEL_NAME_MAX], 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return prctl(PR_SET_NAME, name.encode()[:KERNEL_NAME_MAX])
 
 
 def start_daemon(name: str, target: Callable[..., Any], *args: Any) -> threading.Thread:
