@@ -200,7 +200,7 @@ def test_our_threads_are_named_in_the_kernel(deployment):
     """``top -H`` and ``bench/run.py`` tell our watchdogs apart from Airflow's threads by name."""
     scheduler = started(deployment)
     wait_for(lambda: {"safe-signals", "safe-stall-wd"} <= {n for n, _ in threads_of(scheduler.pid).values()},
-             30, message=f"named threads, have {threads_of(scheduler.pid)}")
+             30, message="threads named safe-signals and safe-stall-wd")
     scheduler.signal(signal.SIGTERM)
     assert scheduler.wait_exit(30 + MARGIN) == 0, scheduler.log()[-4000:]
 
