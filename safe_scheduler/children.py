@@ -39,6 +39,8 @@ log = logging.getLogger("safe_scheduler.children")
 
 #: Signal the kernel sends a forked child when the scheduler dies: SIGTERM lets tasks clean up.
 DEFAULT_DEATH_SIGNAL = signal.SIGTERM
+#: Seconds an orphaned child waits for its last log line before it exits anyway.
+LOG_GRACE = 1.0
 
 _hook_installed = False
 _scheduler_pid = 0
@@ -121,14 +123,19 @@ def _exit_when_orphaned(read_end: int) -> None:
             pass
     except OSError:
         return
-    log.warning(
+    # Logging here may never return (this child's main thread can hold its lock), so it runs beside.
+    threads.start_daemon(
+        "safe-orphan-log", log.warning,
         "Scheduler (pid %d) is gone; pid %d exits within %gs, its own shutdown first",
         _scheduler_pid, os.getpid(), _orphan_grace,
     )
     time.sleep(_orphan_grace)
     tree = _descendants(os.getpid())
     _signal_all(tree, signal.SIGKILL)
-    log.warning("Killed %d process(es) below pid %d, which outlived the scheduler", len(tree), os.getpid())
+    threads.run_bounded(
+        "safe-orphan-log", LOG_GRACE, log.warning,
+        "Killed %d process(es) below pid %d, which outlived the scheduler", len(tree), os.getpid(),
+    )
     os._exit(exitcodes.FAILED)
 
 

@@ -51,17 +51,17 @@ class StallWatchdog:
         interval = min(1.0, self.stall_timeout / 10)
         while not self._stop.wait(interval):
             silent = self.seconds_since_heartbeat()
-            metrics.gauge("seconds_since_heartbeat", silent)
             if silent >= self.stall_timeout:
                 self._stalled(silent)
                 return
+            metrics.gauge("seconds_since_heartbeat", silent)
 
     def _stalled(self, silent: float) -> None:
         self.stalled = True
         why = f"no successful scheduler heartbeat for {silent:.0f}s (stall_timeout {self.stall_timeout:g}s)"
+        self.on_stall(why)  # the deadline first: logging can be what hangs (a lock left held)
         log.error("Scheduler is hung: %s; shutting down. Thread stacks:\n%s", why, format_all_stacks())
         metrics.incr("stalls")
-        self.on_stall(why)
         # If the main thread can still run Python, Airflow's own SIGTERM handler unwinds it
         # gracefully; if it is stuck in C, the exit watchdog's deadline ends the process.
         os.kill(os.getpid(), signal.SIGTERM)

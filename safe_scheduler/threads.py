@@ -36,3 +36,14 @@ def start_daemon(name: str, target: Callable[..., Any], *args: Any) -> threading
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def run_bounded(name: str, seconds: float, target: Callable[..., Any], *args: Any) -> bool:
+    """Run ``target`` in a daemon thread and wait at most ``seconds`` for it; True if it finished.
+
+    For logging on the way out: a log call takes locks that another thread may never release (a
+    signal handler that raised between logging's acquire and release), and no exit may wait on them.
+    """
+    thread = start_daemon(name, target, *args)
+    thread.join(seconds)
+    return not thread.is_alive()

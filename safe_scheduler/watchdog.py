@@ -35,6 +35,9 @@ log = logging.getLogger("safe_scheduler.watchdog")
 
 #: Seconds after the deadline at which the GIL-free last resort fires.
 BACKSTOP_MARGIN = 5.0
+#: Seconds the forced exit waits for logging to report it before writing to stderr itself
+#: (well within BACKSTOP_MARGIN, or faulthandler would end the process first, with code 1).
+REPORT_GRACE = 2.0
 
 _SHUTDOWN_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
@@ -140,8 +143,8 @@ class ExitWatchdog:
             self.forced_code = forced_code if forced_code is not None else self.forced_code
             self.forced_kind = forced_kind or self.forced_kind
         # The deadline first, logging and hooks after: a signal handler that raised inside logging's
-        # lock release leaves that lock held (suspected on Airflow 2.11 at start-up), and then any log
-        # call blocks forever. The GIL-free backstop still ends the process if force_exit blocks too.
+        # lock release leaves that lock held (seen on Airflow 2.11; test_watchdog reproduces it), and
+        # then a log call from this thread blocks forever. force_exit does not depend on logging.
         faulthandler.dump_traceback_later(self.shutdown_timeout + BACKSTOP_MARGIN, exit=True)
         threads.start_daemon("safe-exit-wd", self._expire)
         for callback in self.on_arm:
@@ -163,13 +166,26 @@ class ExitWatchdog:
         self.force_exit(f"shutdown did not finish within {self.shutdown_timeout:g}s ({self.reason})")
 
     def force_exit(self, why: str) -> None:
-        """Log why, dump every stack, kill the process tree, exit now. Never returns."""
+        """Kill the process tree, say why, dump every stack, exit now. Never returns.
+
+        Logging takes locks that another thread may hold forever (a SIGTERM handler that raised
+        between logging's acquire and release; a handler stuck writing to a full pipe), so the kill
+        comes first and the report gets ``REPORT_GRACE`` seconds; past that it goes to fd 2, which
+        takes no lock.
+        """
         code = self.forced_code
         try:
-            log.error("Forcing exit with code %d: %s; thread stacks follow", code, why)
-            log.error("Thread stacks at forced exit:\n%s", format_all_stacks())
-            metrics.incr(f"forced_exits.{self.forced_kind}")
-            metrics.incr("children_killed", children.kill_descendants())
-            flush_logs()
+            killed = children.kill_descendants()
+            if not threads.run_bounded("safe-exit-log", REPORT_GRACE, self._report_forced_exit, code, why, killed):
+                os.write(2, f"safe_scheduler: forcing exit with code {code}: {why} "
+                            f"(logging is blocked); thread stacks follow\n".encode())
+                faulthandler.dump_traceback(all_threads=True)
         finally:
             os._exit(code)
+
+    def _report_forced_exit(self, code: int, why: str, killed: int) -> None:
+        log.error("Forcing exit with code %d: %s; killed %d processes; thread stacks follow", code, why, killed)
+        log.error("Thread stacks at forced exit:\n%s", format_all_stacks())
+        metrics.incr(f"forced_exits.{self.forced_kind}")
+        metrics.incr("children_killed", killed)
+        flush_logs()

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import psutil
+import pytest
 
 from procs import alive, wait_for
 from safe_scheduler import children
@@ -88,7 +89,7 @@ def test_forked_child_dies_with_a_sigkilled_parent():
 # answers SIGTERM with ``on_kill()`` and then carries on: a death signal alone ends neither.
 CATCHING_WORKER_SCRIPT = textwrap.dedent(
     """
-    import multiprocessing, os, signal, sys, time
+    import logging, multiprocessing, os, signal, sys, time
     from safe_scheduler import children
 
     children.install_fork_hook(orphan_grace=2.0)
@@ -104,6 +105,8 @@ CATCHING_WORKER_SCRIPT = textwrap.dedent(
         if task_pid == 0:
             task(queue, marker)
         signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(task_pid, signum))
+        if sys.argv[2] == "logging-stuck":
+            logging._lock.acquire()  # held by the main thread for good, as a swallowed SystemExit can leave it
         queue.put(os.getpid())
         while True:
             time.sleep(1)
@@ -119,9 +122,10 @@ CATCHING_WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_child_that_catches_its_death_signal_still_follows_a_sigkilled_parent(tmp_path):
+@pytest.mark.parametrize("logging_state", ["logging-free", "logging-stuck"])
+def test_child_that_catches_its_death_signal_still_follows_a_sigkilled_parent(tmp_path, logging_state):
     marker = tmp_path / "on_kill"
-    parent = subprocess.Popen([sys.executable, "-c", CATCHING_WORKER_SCRIPT, str(marker)],
+    parent = subprocess.Popen([sys.executable, "-c", CATCHING_WORKER_SCRIPT, str(marker), logging_state],
                               stdout=subprocess.PIPE, text=True)
     started: list[psutil.Process] = []
     try:
