@@ -130,11 +130,10 @@ def _exit_when_orphaned(read_end: int) -> None:
         _scheduler_pid, os.getpid(), _orphan_grace,
     )
     time.sleep(_orphan_grace)
-    tree = _descendants(os.getpid())
-    _signal_all(tree, signal.SIGKILL)
+    killed = kill_descendants()
     threads.run_bounded(
         "safe-orphan-log", LOG_GRACE, log.warning,
-        "Killed %d process(es) below pid %d, which outlived the scheduler", len(tree), os.getpid(),
+        "Killed %d process(es) below pid %d, which outlived the scheduler", killed, os.getpid(),
     )
     os._exit(exitcodes.FAILED)
 

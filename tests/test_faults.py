@@ -266,6 +266,7 @@ def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
     deployment.start_task_services()
     scheduler = deployment.scheduler("--child-stop-timeout", "3")
     scheduler.wait_healthy()
+
     def task_pids() -> list[int]:
         pids = [mark.read_text() for mark in marks.glob("started-*")]  # a mark may exist still empty
         return [int(pid) for pid in pids] if len(pids) == 2 and all(pids) else []
