@@ -34,7 +34,9 @@ if "AIRFLOW_HOME" not in os.environ:
 import pg  # noqa: E402
 from conftest import PYTHON, Deployment, base_env  # noqa: E402
 from procs import stop, threads_of, wait_for  # noqa: E402
+from jobservice import JobService  # noqa: E402
 from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN  # noqa: E402
+from test_running_tasks import write_dag  # noqa: E402
 
 SAFE_ARGS = ["--shutdown-timeout", "10", "--child-stop-timeout", "3", "--stall-timeout", "10"]
 
@@ -89,6 +91,38 @@ class Bench:
             return {"seconds": took if gone else None, "code": code, "orphans": orphans}
         finally:
             dep.cleanup()
+            server.destroy()
+
+    # -- stop with tasks running ---------------------------------------------------------------
+
+    def stop_with_tasks(self, tasks: int, fault: str, stock: bool, limit: float) -> dict:
+        """``tasks`` LocalExecutor tasks each started an external job (cancelled by ``on_termination``
+        when the task is stopped); then the DB is stopped or SIGTERM sent. Seconds until the whole
+        tree is gone, exit code, and how many external jobs were cancelled (the cleanups that ran)."""
+        dep, server = self.deployment()
+        service = JobService()
+        try:
+            write_dag(dep.home / "dags", service.url, tasks=tasks)
+            dep.env.update(AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+                           AIRFLOW__CORE__PARALLELISM=str(max(4, tasks)))
+            dep.start_task_services()
+            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
+            wait_for(lambda: len(service.jobs) >= tasks, 300, interval=0.5, message=f"{tasks} jobs started")
+            started = time.monotonic()
+            if fault == "stop":
+                server.stop("immediate")
+            else:
+                scheduler.signal(signal.SIGTERM)
+            code = scheduler.wait_exit(limit)
+            while scheduler.survivors() and time.monotonic() - started < limit:
+                time.sleep(0.05)
+            took = time.monotonic() - started
+            gone = code is not None and not scheduler.survivors()
+            cancelled = sum(1 for state in service.jobs.values() if state == "cancelled")
+            return {"seconds": took if gone else None, "code": code, "cancelled": cancelled, "jobs": tasks}
+        finally:
+            dep.cleanup()
+            service.close()
             server.destroy()
 
     # -- overhead ------------------------------------------------------------------------------
@@ -197,7 +231,23 @@ def _fmt(value: float | None, limit: float) -> str:
     return f"never (> {limit:g} s)" if value is None else f"{value:.1f}"
 
 
-def report(faults: dict, overhead: dict, args, out: Path) -> str:
+def _tasks_table(stops: dict, limit: float) -> list[str]:
+    lines = ["", "## Stop with tasks running (LocalExecutor; each task cancels its external job in "
+             "`on_termination`)", "",
+             "| scenario | stock median s | stock exit codes | stock jobs cancelled | safe median s | "
+             "safe exit codes | safe jobs cancelled |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in stops.items():
+        row = [name]
+        for kind in ("stock", "safe"):
+            secs = [r["seconds"] for r in runs[kind]]
+            median = statistics.median(secs) if None not in secs else None
+            cancelled = ", ".join(f"{r['cancelled']}/{r['jobs']}" for r in runs[kind])
+            row += [_fmt(median, limit), ", ".join(sorted({str(r["code"]) for r in runs[kind]})), cancelled]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = None) -> str:
     lines = [
         "# Benchmark: stock `airflow scheduler` vs `airflow-safe-scheduler`",
         "",
@@ -223,6 +273,8 @@ def report(faults: dict, overhead: dict, args, out: Path) -> str:
             row += [_fmt(median, args.limit), _fmt(worst, args.limit), ", ".join(codes),
                     "still running" if None in orphans else str(max(orphans))]
         lines.append("| " + " | ".join(row) + " |")
+    if stops:
+        lines += _tasks_table(stops, args.limit)
     if overhead:
         lines += ["", "## Overhead on a healthy scheduler (medians; ratio = safe / stock)", "",
                   "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
@@ -238,7 +290,9 @@ def report(faults: dict, overhead: dict, args, out: Path) -> str:
             lines.append(f"* {measure}: stock {_list(kinds['stock'])}; safe {_list(kinds['safe'])}")
     text = "\n".join(lines) + "\n"
     (out / "latest.md").write_text(text)
-    (out / "latest.json").write_text(json.dumps({"faults": faults, "overhead": overhead}, indent=1, default=str))
+    (out / "latest.json").write_text(
+        json.dumps({"faults": faults, "overhead": overhead, "stop_with_tasks": stops}, indent=1, default=str)
+    )
     return text
 
 
@@ -273,6 +327,8 @@ def main() -> int:
     parser.add_argument("--limit", type=float, help="seconds after which a process counts as never gone (60, quick 45)")
     parser.add_argument("--scenarios", nargs="*", choices=list(SCENARIOS), help="default: all")
     parser.add_argument("--no-overhead", action="store_true", help="only the fault scenarios")
+    parser.add_argument("--tasks", type=int, nargs="*", default=None,
+                        help="stop with N tasks running, for each N (default 1 16; quick: 1; none: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.reps = args.reps or (1 if args.quick else 5)
@@ -292,6 +348,16 @@ def main() -> int:
                     result = bench.fault_to_exit(name, kind == "stock", args.limit)
                     faults[name][kind].append(result)
                     print(f"{name} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
+        stops: dict = {}
+        for tasks in args.tasks if args.tasks is not None else ([1] if args.quick else [1, 16]):
+            for fault, label in (("stop", "DB stopped"), ("sigterm", "SIGTERM")):
+                name = f"{label}, {tasks} task(s) running"
+                stops[name] = {"stock": [], "safe": []}
+                for rep in range(args.reps):
+                    for kind in ("stock", "safe"):
+                        result = bench.stop_with_tasks(tasks, fault, kind == "stock", args.limit)
+                        stops[name][kind].append(result)
+                        print(f"{name} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
         overhead: dict = {}
         if not args.no_overhead:
             import airflow
@@ -316,7 +382,7 @@ def main() -> int:
                 rows[measure] = (statistics.median(samples["stock"][measure]), statistics.median(samples["safe"][measure]))
             overhead = {"airflow": airflow.__version__, "rows": rows,
                         "samples": {m: {k: samples[k][m] for k in samples} for m in samples["stock"]}}
-        print(report(faults, overhead, args, args.out))
+        print(report(faults, overhead, args, args.out, stops))
         chart(faults, args.limit, args.out)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 from typing import NoReturn
 
@@ -64,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         "exits (code 4); 0 disables. Default: [safe_scheduler] stall_timeout, else twice "
         "[scheduler] scheduler_health_check_threshold.",
     )
+    ours.add_argument(
+        "--task-drain-timeout",
+        metavar="SECONDS",
+        help="Seconds running tasks (LocalExecutor) get to finish on their own once shutdown starts, "
+        "before they are sent SIGTERM. Default: [safe_scheduler] task_drain_timeout, 0.",
+    )
+    ours.add_argument(
+        "--task-cleanup-timeout",
+        metavar="SECONDS",
+        help="Seconds tasks get between SIGTERM and SIGKILL to run on_kill and on_termination "
+        "cleanups. Default: [safe_scheduler] task_cleanup_timeout, else what the shutdown deadline "
+        "leaves after the drain and the children's stop.",
+    )
     ours.add_argument("--version", action="store_true", help="Show the version and exit.")
     return parser
 
@@ -101,21 +115,29 @@ def _prepare(argv: list[str] | None):
             "shutdown_timeout": args.shutdown_timeout,
             "child_stop_timeout": args.child_stop_timeout,
             "stall_timeout": args.stall_timeout,
+            "task_drain_timeout": args.task_drain_timeout,
+            "task_cleanup_timeout": args.task_cleanup_timeout,
         },
         conf,
     )
     preflight.check_metadata_db(conf)
     if not args.skip_serve_logs and compat.serves_logs():
-        preflight.check_port_free(
-            "", conf.getint("logging", "worker_log_server_port"), "[logging] worker_log_server_port"
-        )
-    if conf.getboolean("scheduler", "enable_health_check"):
-        preflight.check_port_free(
-            conf.get("scheduler", "scheduler_health_check_server_host"),
-            conf.getint("scheduler", "scheduler_health_check_server_port"),
-            "[scheduler] scheduler_health_check_server_port",
-        )
+        preflight.check_port_free("", compat.log_server_port(), "[logging] worker_log_server_port")
+    if compat.health_check_enabled():
+        host, port = compat.health_check_address()
+        preflight.check_port_free(host, port, "[scheduler] scheduler_health_check_server_port")
     return args, config
+
+
+def _unforeseen(exc: BaseException) -> UsageError:
+    """Anything we did not foresee before start is still one line and exit 2, never a traceback."""
+    text = str(exc).strip()
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
+    return UsageError(
+        f"could not prepare the scheduler: {type(exc).__name__}: "
+        f"{text.splitlines()[0] if text else 'no message'}{at}"
+    )
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -129,12 +151,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # why we refuse to start; they come back once the scheduler runs.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            args, config = _prepare(argv)
+            try:
+                args, config = _prepare(argv)
+            except (UsageError, SystemExit, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - see _unforeseen
+                raise _unforeseen(exc) from None
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         sys.exit(exitcodes.USAGE)
 
-    from safe_scheduler import compat, runner
+    from safe_scheduler import compat, runner, shutdown
 
     compat.print_banner()
     result: dict[str, int] = {}
@@ -145,5 +172,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         compat.run_with_daemon_option(args, compat.with_providers_configuration(scheduler))
     except BaseException as exc:  # noqa: BLE001 - e.g. "already running" from the daemon pidfile
-        result.setdefault("code", runner.exit_code_of(exc))
-    runner.exit_process(result.get("code", exitcodes.FAILED))
+        if "code" not in result:
+            result["code"] = shutdown.code_of(exc)
+            if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    shutdown.leave(result.get("code", exitcodes.FAILED))

@@ -111,6 +111,49 @@ def _run_with_daemon_option_inline(args: argparse.Namespace, callback: Callable[
             callback()
 
 
+_MISSING = object()
+
+
+def airflow_has_key(section: str, key: str) -> bool:
+    """Whether the installed Airflow defines ``[section] key`` itself (not only the user's config).
+
+    ``conf.has_option`` is true for any key the user sets, even one this Airflow never reads
+    (``[scheduler] scheduler_health_check_server_host`` on 2.6): the defaults tell what it reads.
+    """
+    from airflow.configuration import conf
+
+    if hasattr(conf, "airflow_defaults"):  # 2.6: default_airflow.cfg parsed as it is
+        return conf.airflow_defaults.has_option(section, key)
+    return conf.get_default_value(section, key, fallback=_MISSING) is not _MISSING
+
+
+def conf_get(section: str, key: str, default: str) -> str:
+    """``[section] key`` as the installed Airflow reads it, or ``default`` where it has no such key.
+
+    ``default`` is what that Airflow does instead (e.g. the address its server binds when it has
+    no setting for it), so that we check and run exactly what stock Airflow would.
+    """
+    from airflow.configuration import conf
+
+    return conf.get(section, key) if airflow_has_key(section, key) else default
+
+
+def health_check_enabled() -> bool:
+    """``[scheduler] enable_health_check`` (off by default, in every release)."""
+    return conf_get("scheduler", "enable_health_check", "False").strip().lower() in ("true", "t", "1")
+
+
+def health_check_address() -> tuple[str, int]:
+    """Where the installed Airflow's scheduler health server binds: 2.6 has no host setting, 0.0.0.0."""
+    host = conf_get("scheduler", "scheduler_health_check_server_host", "0.0.0.0")
+    return host, int(conf_get("scheduler", "scheduler_health_check_server_port", "8974"))
+
+
+def log_server_port() -> int:
+    """``[logging] worker_log_server_port``, which serve-logs binds on every address."""
+    return int(conf_get("logging", "worker_log_server_port", "8793"))
+
+
 def set_mp_start_method() -> None:
     from airflow.utils import process_utils
 
@@ -156,6 +199,32 @@ def executors(job_runner: Any) -> list[Any]:
     if found is None:
         found = [job_runner.job.executor]
     return list(found)
+
+
+def executor_worker_pids(executors: list[Any]) -> set[int]:
+    """The processes in which the executors run tasks on this host: each task is a child of one.
+
+    LocalExecutor keeps its workers in ``workers``: a dict by pid from Airflow 3, a list of
+    ``QueuedLocalWorker`` in 2.x. With ``parallelism = 0`` Airflow 2 starts one ``LocalWorker`` per
+    task and keeps none, so those are found among multiprocessing's children by their class.
+    Executors that run tasks elsewhere (Celery, Kubernetes) have none.
+    """
+    import multiprocessing.process
+
+    pids: set[int] = set()
+    for executor in executors:
+        workers = getattr(executor, "workers", None)
+        if isinstance(workers, dict):
+            workers = list(workers.values())
+        if not isinstance(workers, (list, tuple)):
+            continue
+        pids.update(w.pid for w in list(workers) if isinstance(getattr(w, "pid", None), int))
+    try:  # read-only look at multiprocessing's own set: active_children() would reap, racing join()
+        children = list(multiprocessing.process._children)
+    except (AttributeError, RuntimeError):
+        children = []
+    pids.update(c.pid for c in children if type(c).__name__ == "LocalWorker" and c.pid)
+    return pids
 
 
 def run_job(job_runner: Any) -> int | None:

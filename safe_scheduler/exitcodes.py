@@ -1,7 +1,8 @@
 """Exit codes of ``airflow-safe-scheduler``.
 
 Supervisors (supervisord, systemd, Kubernetes) decide what to do from the exit status alone, so each
-outcome gets its own number and the numbers never change meaning.
+outcome gets its own number and the numbers never change meaning. Which cause gets which code is
+decided in one place, ``shutdown.exit_code`` (its module docstring has the table).
 """
 
 #: The scheduler ended on its own terms: ``--num-runs`` reached, or SIGTERM/SIGINT handled in time.

@@ -1,47 +1,65 @@
 """Our ``_run_scheduler_job``: the same job, with a shutdown that always ends.
 
-The structure follows gunicorn's arbiter: run; on any way out (return, exception, signal) start
-the shutdown clock, stop the children politely, then firmly, sweep up whatever else we forked,
-and leave the interpreter in a way nothing can block.
+Read top to bottom, as gunicorn's arbiter: set up the watchers; run the job with its servers; on
+any way out (return, exception, signal, stall) the shutdown's one deadline starts, running tasks
+are stopped with time for their cleanup (``taskstop``), the executor is ended within what is
+left, the servers are stopped together, whatever else is still below us is swept, and the exit
+code comes from ``shutdown.exit_code`` alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import functools
 import logging
-import os
 import threading
 import time
-from contextlib import ExitStack
-from typing import Any, NoReturn
+from typing import Any
 
-from safe_scheduler import children, compat, dbtimeouts, exitcodes, metrics, systemd
+from safe_scheduler import children, compat, dbtimeouts, forkhook, output, signals, systemd, taskstop, tree
 from safe_scheduler.settings import Settings
+from safe_scheduler.shutdown import Cause, Shutdown
 from safe_scheduler.stall import StallWatchdog
-from safe_scheduler.watchdog import ExitWatchdog, flush_logs
 
-log = logging.getLogger("safe_scheduler")
-
-#: Seconds non-daemon threads get to finish once the scheduler's run is over and children are gone.
-THREAD_JOIN_GRACE = 1.5
+log = logging.getLogger("safe_scheduler.runner")
 
 
-def _arm_before(watchdog: ExitWatchdog, reason: str, func: Any) -> Any:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        watchdog.arm(reason)
-        return func(*args, **kwargs)
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the scheduler in this process; return its exit code once every child is gone."""
+    started = time.monotonic()
+    shutdown = Shutdown(settings.shutdown_timeout, name="scheduler")
+    notifier = systemd.Notifier()
+    stall = StallWatchdog(
+        settings.stall_timeout, name="scheduler",
+        on_stall=lambda why: shutdown.begin(f"stalled: {why}", Cause.STALLED),
+    )
+    shutdown.on_begin += [notifier.stopping, stall.stop]
+    signals.SignalListener(lambda name: shutdown.begin(f"received {name}", Cause.SIGNAL)).start()
+    forkhook.install(orphan_grace=settings.child_stop_timeout)
+    if settings.db_timeouts:
+        dbtimeouts.apply(compat.metadata_engine())
 
-    return wrapper
+    try:
+        _run_job(args, settings, shutdown, stall, notifier)
+    except BaseException as exc:  # noqa: BLE001 - every way out must reach the sweep below
+        shutdown.run_ended(exc)
+    else:
+        shutdown.run_ended(None)
+    # The servers are stopped; anything else below us (executor workers that end() did not finish,
+    # tasks, a server's grandchildren) goes now, within what the deadline leaves.
+    try:
+        tree.stop(tree.descendants(), settings.child_stop_timeout, shutdown.remaining, what="leftover processes")
+    except Exception:  # noqa: BLE001 - a bug of ours must not leave a child behind
+        log.exception("The final sweep failed; killing every process below us")
+        tree.kill_all_below_us()
+    shutdown.report(time.monotonic() - started)
+    return shutdown.exit_code()
 
 
-def run_scheduler_job(
-    args: argparse.Namespace, settings: Settings, watchdog: ExitWatchdog, stall: StallWatchdog,
+def _run_job(
+    args: argparse.Namespace, settings: Settings, shutdown: Shutdown, stall: StallWatchdog,
     notifier: systemd.Notifier,
 ) -> None:
-    """Run the scheduler job with its serve-logs and health-check children, exception-safe."""
     compat.set_mp_start_method()
     job_runner = compat.new_job_runner(args)
 
@@ -50,114 +68,65 @@ def run_scheduler_job(
         notifier.heartbeat()
 
     compat.on_heartbeat(job_runner, heartbeat)
+    executors = compat.executors(job_runner)
+    # What comes after the tasks must still fit: the servers' stop, and the kill of what is left.
+    after_tasks = settings.child_stop_timeout + tree.KILL_RESERVE
+    tasks = taskstop.TaskStop(
+        taskstop.below(lambda: compat.executor_worker_pids(executors)),
+        settings.task_drain_timeout, settings.task_cleanup_timeout, shutdown.remaining, reserve=after_tasks,
+    )
+    shutdown.on_begin.insert(0, tasks.start)  # first: the other hooks may be slow, tasks need the time
     # The scheduler loop's own ``finally`` calls ``executor.end()``, which waits for running tasks
-    # with no bound: that is already shutdown, so the deadline starts there.
-    for executor in compat.executors(job_runner):
-        executor.end = _arm_before(watchdog, "executor shutdown", executor.end)
+    # with no bound (and Celery's may wait on its broker): that is already shutdown.
+    for executor in executors:
+        executor.end = _end_within_deadline(shutdown, tasks, executor.end, after_tasks)
 
-    from airflow.configuration import conf
-
-    with ExitStack() as stack:
-        if not args.skip_serve_logs and compat.serves_logs():
-            stack.enter_context(
-                children.supervised("serve-logs", compat.serve_logs_target(), settings.child_stop_timeout)
-            )
-        if conf.getboolean("scheduler", "enable_health_check"):
-            stack.enter_context(
-                children.supervised("health-check", compat.health_check_target(), settings.child_stop_timeout)
-            )
+    servers = []
+    if not args.skip_serve_logs and compat.serves_logs():
+        servers.append(("serve-logs", compat.serve_logs_target()))
+    if compat.health_check_enabled():
+        servers.append(("health-check", compat.health_check_target()))
+    with children.running(servers, settings.child_stop_timeout, shutdown.remaining):
         try:
             stall.start()
             compat.run_job(job_runner)
         finally:
-            watchdog.arm("scheduler run ended")
-            watchdog.hold_signals()
+            shutdown.begin("scheduler run ended")
+            signals.hold(shutdown.remaining)
 
 
-def exit_code_of(exc: BaseException) -> int:
-    """Map what ended the run to our documented exit codes, logging failures.
+def _end_within_deadline(shutdown: Shutdown, tasks: taskstop.TaskStop, end: Any, reserve: float) -> Any:
+    """``executor.end()`` once the tasks are stopped, given what the deadline leaves, not forever.
 
-    A second exception raised while handling the first (SIGTERM's SystemExit(0) during the cleanup
-    of a database error, or the reverse) does not change what ended the run: the first one decides.
+    Past that it is left running in its thread (the process is on its way out), and the stop goes
+    on: the servers and the final sweep still fit, and the exit code stays the cause's.
     """
-    chain = [exc]
-    while chain[-1].__context__ is not None and chain[-1].__context__ not in chain:
-        chain.append(chain[-1].__context__)
-    root = chain[-1]
-    for error in chain:
-        if not isinstance(error, (SystemExit, KeyboardInterrupt)):
-            log.error("Scheduler failed: %s: %s", type(error).__name__, error, exc_info=error)
-            break
-    if isinstance(root, SystemExit):
-        if root.code is None or isinstance(root.code, int):
-            return root.code or exitcodes.OK
-        log.error("Scheduler exited: %s", root.code)
-        return exitcodes.FAILED
-    if isinstance(root, KeyboardInterrupt):
-        return exitcodes.OK
-    return exitcodes.FAILED
 
+    @functools.wraps(end)
+    def end_within_deadline(*args: Any, **kwargs: Any) -> Any:
+        shutdown.begin("executor shutdown")
+        tasks.wait()
+        result: dict[str, Any] = {}
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the scheduler in this process; return once it is over and every child is reaped."""
-    watchdog = ExitWatchdog(settings.shutdown_timeout)
-    notifier = systemd.Notifier()
+        def call() -> None:
+            try:
+                result["value"] = end(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                result["error"] = exc
 
-    def stalled(why: str) -> None:
-        watchdog.arm(f"stalled: {why}", forced_code=exitcodes.STALLED, forced_kind="stall")
+        budget = max(0.0, shutdown.remaining() - reserve)
+        if threading.current_thread() is threading.main_thread():
+            finished = output.bounded(budget, call)
+        else:
+            call()
+            finished = True
+        if not finished:
+            output.in_background(
+                log.warning, "executor.end() did not return within %.1fs; going on without it", budget
+            )
+            return None
+        if "error" in result:
+            raise result["error"]
+        return result.get("value")
 
-    stall = StallWatchdog(settings.stall_timeout, on_stall=stalled)
-    watchdog.on_arm += [notifier.stopping, stall.stop]
-    watchdog.watch_signals()
-    children.install_fork_hook(orphan_grace=settings.child_stop_timeout)
-    if settings.db_timeouts:
-        dbtimeouts.apply(compat.metadata_engine())
-    started = time.monotonic()
-    code = exitcodes.OK
-    try:
-        run_scheduler_job(args, settings, watchdog, stall, notifier)
-    except BaseException as exc:  # noqa: BLE001 - every way out must reach the finally below
-        watchdog.arm(f"{type(exc).__name__} left the scheduler")
-        code = exit_code_of(exc)
-    finally:
-        watchdog.arm("scheduler run ended")
-        children.stop_descendants(settings.child_stop_timeout)
-    if stall.stalled:
-        code = exitcodes.STALLED
-    shutdown_took = settings.shutdown_timeout - watchdog.remaining()
-    metrics.timing("shutdown_duration", shutdown_took)
-    log.info(
-        "Scheduler stopped after %.1fs; exit code %d (shutdown: %s, took %.1fs)",
-        time.monotonic() - started,
-        code,
-        watchdog.reason,
-        shutdown_took,
-    )
-    return code
-
-
-def exit_process(code: int) -> NoReturn:
-    """Leave the interpreter with ``code``, even if a non-daemon thread would hold it.
-
-    Python joins every non-daemon thread before exiting, forever. Once the run is over and the
-    children are gone, such a thread can only be a leak (a plugin, a library's worker): give it a
-    moment, name it, run the atexit handlers ourselves (still under the exit watchdog), and go.
-    """
-    main = threading.main_thread()
-    deadline = time.monotonic() + THREAD_JOIN_GRACE
-    blockers = [t for t in threading.enumerate() if t is not main and not t.daemon]
-    for thread in blockers:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    blockers = [t for t in blockers if t.is_alive()]
-    if not blockers:
-        raise SystemExit(code)
-    log.warning(
-        "Non-daemon thread(s) would block interpreter exit: %s; exiting with code %d without them",
-        ", ".join(f"{t.name!r} ({t.ident})" for t in blockers),
-        code,
-    )
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        flush_logs()
-        os._exit(code)
+    return end_within_deadline

@@ -16,10 +16,15 @@ DEFAULTS: dict[str, float | None] = {
     "shutdown_timeout": 30.0,
     "child_stop_timeout": 5.0,
     "stall_timeout": None,
+    "task_drain_timeout": 0.0,
+    "task_cleanup_timeout": None,
 }
 #: A scheduler is unhealthy after ``[scheduler] scheduler_health_check_threshold`` seconds without
 #: a heartbeat; it is declared hung after twice that, so a slow loop a probe tolerates is not killed.
 STALL_FACTOR = 2
+#: Seconds of the deadline kept for SIGKILL and reaping, once after the tasks, once after the servers
+#: (``tree.KILL_RESERVE`` each; not imported, so that this module loads without psutil).
+KILL_RESERVES = 2.0
 
 
 class UsageError(Exception):
@@ -36,6 +41,10 @@ class Settings:
     stall_timeout: float = 0.0
     #: Add connect timeouts and TCP keepalives to metadata DB connections that have none.
     db_timeouts: bool = True
+    #: Seconds running tasks get to finish on their own once shutdown starts, before SIGTERM.
+    task_drain_timeout: float = 0.0
+    #: Seconds tasks get between SIGTERM and SIGKILL for ``on_kill`` / ``on_termination``.
+    task_cleanup_timeout: float = 0.0
 
 
 def _seconds(raw: object, name: str, *, allow_zero: bool) -> float:
@@ -75,6 +84,8 @@ def load(cli_overrides: dict[str, str | None], conf) -> Settings:
             raw = conf.get(SECTION, key, fallback=None)
             raw = default if raw is None or str(raw).strip() == "" else raw
             name = f"[{SECTION}] {key}"
+        if key == "task_cleanup_timeout" and raw is None:
+            continue  # derived below, from what the other timeouts leave
         if raw is None:  # stall_timeout: derived from Airflow's own notion of "unhealthy"
             threshold = conf.get("scheduler", "scheduler_health_check_threshold", fallback=30)
             raw = STALL_FACTOR * _seconds(threshold, "[scheduler] scheduler_health_check_threshold", allow_zero=False)
@@ -84,6 +95,16 @@ def load(cli_overrides: dict[str, str | None], conf) -> Settings:
             f"child_stop_timeout ({values['child_stop_timeout']:g}s) must not exceed "
             f"shutdown_timeout ({values['shutdown_timeout']:g}s): children are stopped within the "
             "shutdown deadline"
+        )
+    leaves = values["shutdown_timeout"] - values["task_drain_timeout"] - values["child_stop_timeout"]
+    # Not set: everything the deadline leaves once the drain, the servers' stop and the kills are paid.
+    values.setdefault("task_cleanup_timeout", max(0.0, leaves - KILL_RESERVES))
+    if values["task_cleanup_timeout"] > leaves or leaves < 0:
+        raise UsageError(
+            f"task_drain_timeout ({values['task_drain_timeout']:g}s) + task_cleanup_timeout "
+            f"({values['task_cleanup_timeout']:g}s) + child_stop_timeout ({values['child_stop_timeout']:g}s) "
+            f"must not exceed shutdown_timeout ({values['shutdown_timeout']:g}s): tasks and children are "
+            "stopped within the shutdown deadline"
         )
     db_timeouts = conf.get(SECTION, "db_timeouts", fallback=None)
     return Settings(

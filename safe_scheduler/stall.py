@@ -16,17 +16,19 @@ import threading
 import time
 from collections.abc import Callable
 
-from safe_scheduler import metrics, threads
+from safe_scheduler import metrics, output, threads
 from safe_scheduler.watchdog import format_all_stacks
 
 log = logging.getLogger("safe_scheduler.stall")
 
 
 class StallWatchdog:
-    def __init__(self, stall_timeout: float, on_stall: Callable[[str], None]) -> None:
+    """Tells ``on_stall`` once when heartbeats stop; what follows is the shutdown's business."""
+
+    def __init__(self, stall_timeout: float, on_stall: Callable[[str], None], name: str = "job") -> None:
         self.stall_timeout = stall_timeout
+        self.name = name
         self.on_stall = on_stall
-        self.stalled = False
         self._last_beat = time.monotonic()
         self._stop = threading.Event()
 
@@ -57,11 +59,13 @@ class StallWatchdog:
             metrics.gauge("seconds_since_heartbeat", silent)
 
     def _stalled(self, silent: float) -> None:
-        self.stalled = True
-        why = f"no successful scheduler heartbeat for {silent:.0f}s (stall_timeout {self.stall_timeout:g}s)"
-        self.on_stall(why)  # the deadline first: logging can be what hangs (a lock left held)
-        log.error("Scheduler is hung: %s; shutting down. Thread stacks:\n%s", why, format_all_stacks())
-        metrics.incr("stalls")
+        why = f"no successful {self.name} heartbeat for {silent:.0f}s (stall_timeout {self.stall_timeout:g}s)"
+        self.on_stall(why)  # the deadline first: logging can be what hangs (a lock left held, a full pipe)
         # If the main thread can still run Python, Airflow's own SIGTERM handler unwinds it
-        # gracefully; if it is stuck in C, the exit watchdog's deadline ends the process.
+        # gracefully; if it is stuck in C (or in a write nobody reads), the deadline ends the process.
         os.kill(os.getpid(), signal.SIGTERM)
+        metrics.incr("stalls")
+        output.in_background(
+            log.error, "%s is hung: %s; shutting down. Thread stacks:\n%s",
+            self.name.capitalize(), why, format_all_stacks(),
+        )

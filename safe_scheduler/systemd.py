@@ -40,7 +40,8 @@ class Notifier:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(message.encode(), self.address)
+                # Never wait on a receiver that stopped reading: this also runs on the way out.
+                sock.sendto(message.encode(), socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             log.warning("sd_notify %r failed: %s", message, exc)
 

@@ -19,8 +19,15 @@ KERNEL_NAME_MAX = 15
 
 
 def set_kernel_name(name: str) -> bool:
-    """Name the calling thread in the kernel (Linux only; the name is cut to 15 bytes)."""
-    return prctl(PR_SET_NAME, name.encode()[:KERNEL_NAME_MAX])
+    """Name the calling thread in the kernel (Linux only; the name is cut to 15 bytes).
+
+    Cosmetic: a failure only costs the name in ``top -H``, so it is reported by the return value.
+    """
+    try:
+        prctl(PR_SET_NAME, name.encode()[:KERNEL_NAME_MAX])
+    except OSError:
+        return False
+    return True
 
 
 def start_daemon(name: str, target: Callable[..., Any], *args: Any) -> threading.Thread:

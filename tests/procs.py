@@ -54,6 +54,26 @@ def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "c
         time.sleep(interval)
 
 
+def fill_pipe(write_end: int, wake: bool = False) -> int:
+    """Fill a pipe to the brim through a second, non-blocking open of it; return the bytes written.
+
+    The descriptor the process under test holds stays blocking, as it would be in real life.
+    ``wake``: first write one byte and pause, so that a reader blocked in ``read()`` returns.
+    """
+    extra = os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY | os.O_NONBLOCK)
+    filled = 0
+    try:
+        if wake:
+            filled += os.write(extra, b"\n")
+            time.sleep(0.5)
+        while True:
+            filled += os.write(extra, b"\n" * 65536)
+    except BlockingIOError:
+        return filled
+    finally:
+        os.close(extra)
+
+
 def stop(popen: subprocess.Popen, timeout: float) -> None:
     """SIGTERM, wait up to ``timeout``, then SIGKILL: how the tests stop a helper they started."""
     popen.send_signal(signal.SIGTERM)
@@ -143,10 +163,12 @@ class SchedulerProcess:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> SchedulerProcess:
+    def start(self, output: int | None = None) -> SchedulerProcess:
+        """Start the process, its stdout and stderr to the log file or to ``output``."""
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
-            self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self.cmd, env=self.env, stdout=self._log if output is None else output,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         self.watchers.append(TreeWatcher(self.popen.pid))
         return self

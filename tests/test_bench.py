@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_bench_quick_mode_writes_its_report_and_chart(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-overhead", "--scenarios", "SIGKILL",
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-overhead", "--tasks", "--scenarios", "SIGKILL",
          "--limit", "20", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )

@@ -1,4 +1,4 @@
-"""Child process stop and death signal, with real processes and no Airflow."""
+"""Child process stop, death signal and lifeline, with real processes and no Airflow."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from procs import alive, wait_for
-from safe_scheduler import children
+from safe_scheduler import children, tree
 
 
 def _deaf_with_grandchild(pid_queue) -> None:
@@ -32,29 +32,59 @@ def _polite(pid_queue) -> None:
 
 def test_child_ignoring_sigterm_is_killed_with_its_tree_after_the_timeout():
     queue = multiprocessing.SimpleQueue()
-    child = children.ChildProcess("deaf", lambda: _deaf_with_grandchild(queue), stop_timeout=1.0)
+    child = children.ChildProcess("deaf", lambda: _deaf_with_grandchild(queue))
     child.start()
     grandchild = psutil.Process(queue.get())
     started = time.monotonic()
-    assert child.stop() is True
+    outcome = children.stop_all([child], grace=1.0)
     took = time.monotonic() - started
-    assert took >= 1.0  # it was given its timeout before the kill
+    assert took >= 1.0  # it was given its grace before the kill
+    assert {p.pid for p in outcome.killed} == {child.pid, grandchild.pid}
     assert not alive(grandchild)
-    assert not psutil.pid_exists(child.pid) or not alive(psutil.Process(child.pid))
+    assert child.process.exitcode == -signal.SIGKILL
 
 
 def test_polite_child_stops_on_sigterm_without_kill():
     queue = multiprocessing.SimpleQueue()
-    child = children.ChildProcess("polite", lambda: _polite(queue), stop_timeout=10.0)
+    child = children.ChildProcess("polite", lambda: _polite(queue))
     child.start()
     queue.get()
-    assert child.stop() is False
-    assert child._process.exitcode == -signal.SIGTERM
+    outcome = children.stop_all([child], grace=10.0)
+    assert not outcome.killed
+    assert child.process.exitcode == -signal.SIGTERM
 
 
-def test_stop_descendants_takes_everything_below_us():
+def test_two_deaf_children_cost_one_grace_not_two():
+    """Every target is signalled before any is waited for: the stop takes one grace period."""
+    queues = [multiprocessing.SimpleQueue() for _ in range(2)]
+    deaf = [children.ChildProcess(f"deaf-{i}", lambda q=q: _deaf_with_grandchild(q)) for i, q in enumerate(queues)]
+    for child in deaf:
+        child.start()
+    for queue in queues:
+        queue.get()
+    started = time.monotonic()
+    outcome = children.stop_all(deaf, grace=2.0)
+    took = time.monotonic() - started
+    assert len(outcome.killed) == 4  # both children and both grandchildren
+    assert 2.0 <= took < 2.0 + tree.KILL_WAIT + 1.5, f"took {took:.1f}s: not one grace period"
+
+
+def test_stop_is_cut_to_the_time_the_deadline_leaves():
+    queue = multiprocessing.SimpleQueue()
+    child = children.ChildProcess("deaf", lambda: _deaf_with_grandchild(queue))
+    child.start()
+    queue.get()
+    deadline = time.monotonic() + 2.0
+    started = time.monotonic()
+    children.stop_all([child], grace=30.0, remaining=lambda: deadline - time.monotonic())
+    assert time.monotonic() - started < 2.0 + tree.KILL_WAIT, "the stop outlived the deadline"
+    assert child.process.exitcode == -signal.SIGKILL
+
+
+def test_stop_takes_everything_below_us():
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(3)]
-    assert children.stop_descendants(timeout=5) >= 3
+    outcome = tree.stop(tree.descendants(), grace=5)
+    assert len(outcome.stopped) >= 3
     for proc in procs:
         assert proc.wait(5) == -signal.SIGTERM
 
@@ -62,9 +92,9 @@ def test_stop_descendants_takes_everything_below_us():
 DEATH_SIGNAL_SCRIPT = textwrap.dedent(
     """
     import multiprocessing, os, sys, time
-    from safe_scheduler import children
+    from safe_scheduler import forkhook
 
-    children.install_fork_hook()
+    forkhook.install()
     worker = multiprocessing.Process(target=time.sleep, args=(600,))
     worker.start()
     print(worker.pid, flush=True)
@@ -90,9 +120,9 @@ def test_forked_child_dies_with_a_sigkilled_parent():
 CATCHING_WORKER_SCRIPT = textwrap.dedent(
     """
     import logging, multiprocessing, os, signal, sys, time
-    from safe_scheduler import children
+    from safe_scheduler import forkhook
 
-    children.install_fork_hook(orphan_grace=2.0)
+    forkhook.install(orphan_grace=2.0)
 
     def task(queue, marker):
         signal.signal(signal.SIGTERM, lambda signum, frame: open(marker, "w").write("on_kill ran"))
@@ -142,3 +172,98 @@ def test_child_that_catches_its_death_signal_still_follows_a_sigkilled_parent(tm
         for proc in started:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
+
+
+# Two threads fork at once, over and over: the main thread's children must carry the death signal
+# and the helper thread's must not (it would fire when that thread ends). A fast switch interval
+# makes the GIL change hands inside the fork path, where a value set by a before-fork hook could be
+# overwritten by the other thread before this one forks.
+CONCURRENT_FORKS_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, threading
+    from safe_scheduler import forkhook
+    from safe_scheduler.prctl import death_signal
+
+    forkhook.install()
+    sys.setswitchinterval(1e-6)
+    read_end, write_end = os.pipe()
+
+    def fork_and_report(tag):
+        pid = os.fork()
+        if pid == 0:
+            os.write(write_end, f"{tag} {death_signal()}\\n".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    for _ in range(int(sys.argv[1])):
+        barrier = threading.Barrier(2)
+        helper = threading.Thread(target=lambda: (barrier.wait(), fork_and_report("helper")))
+        helper.start()
+        barrier.wait()
+        fork_and_report("main")
+        helper.join()
+    os.close(write_end)
+    with os.fdopen(read_end) as reports:
+        sys.stdout.write(reports.read())
+    """
+)
+
+
+def test_only_main_thread_children_get_the_death_signal_under_concurrent_forks():
+    reps = 400
+    done = subprocess.run([sys.executable, "-c", CONCURRENT_FORKS_SCRIPT, str(reps)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    reports = [line.split() for line in done.stdout.splitlines()]
+    assert len(reports) == 2 * reps
+    wrong = [(tag, sig) for tag, sig in reports if int(sig) != (signal.SIGTERM if tag == "main" else 0)]
+    assert not wrong, f"{len(wrong)} of {2 * reps} children got the wrong death signal: {wrong[:5]}"
+
+
+# A child that runs as another user (a task under ``run_as_user``/sudo): once the parent has
+# dropped to an unprivileged uid of its own, it may not signal that child. The stop must say so.
+UNKILLABLE_SCRIPT = textwrap.dedent(
+    """
+    import logging, os, sys, time
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+    from safe_scheduler import tree
+
+    child = os.fork()
+    if child == 0:
+        for fd in (1, 2):  # let the test read our parent's output to the end
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        os.setuid(int(sys.argv[1]))
+        time.sleep(600)
+        os._exit(0)
+    print(child, flush=True)
+    os.setuid(int(sys.argv[2]))
+    started = time.monotonic()
+    outcome = tree.stop(tree.descendants(), grace=1.0, what="test children")
+    print(time.monotonic() - started, [(p.pid, why) for p, why in outcome.unkillable], flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_a_child_that_cannot_be_killed_is_named_with_the_reason():
+    done = None
+    child_pid = None
+    proc = subprocess.Popen([sys.executable, "-c", UNKILLABLE_SCRIPT, "61234", "61235"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(proc.stdout.readline())
+        out, err = proc.communicate(timeout=60)
+        done = (proc.returncode, out, err)
+    finally:
+        proc.kill()
+        if child_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError, psutil.NoSuchProcess):
+                psutil.Process(child_pid).wait(5)
+    code, out, err = done
+    assert code == 0, err
+    took, unkillable = out.split(" ", 1)
+    assert float(took) < 1.0 + tree.KILL_WAIT + 2
+    assert str(child_pid) in unkillable and "permission denied" in unkillable
+    assert f"Could not stop pid {child_pid}" in err and "uid 61234" in err, err

@@ -15,7 +15,10 @@ from safe_scheduler import compat
 
 pytestmark = pytest.mark.all_versions
 
-OUR_FLAGS = {"--shutdown-timeout", "--child-stop-timeout", "--stall-timeout", "--version"}
+OUR_FLAGS = {
+    "--shutdown-timeout", "--child-stop-timeout", "--stall-timeout", "--task-drain-timeout",
+    "--task-cleanup-timeout", "--version",
+}
 
 
 def _flags(help_text: str) -> set[str]:
@@ -63,6 +66,8 @@ def _refused(result) -> str:
         (["--shutdown-timeout", "4", "--child-stop-timeout", "9"], {}, "must not exceed shutdown_timeout"),
         ([], {"AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT": "thirty"}, "[safe_scheduler] shutdown_timeout"),
         ([], {"AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT": "-2"}, "[safe_scheduler] child_stop_timeout"),
+        (["--task-cleanup-timeout", "29"], {}, "must not exceed shutdown_timeout"),
+        ([], {"AIRFLOW__SAFE_SCHEDULER__TASK_DRAIN_TIMEOUT": "-1"}, "[safe_scheduler] task_drain_timeout"),
         (["--num-runs", "oops"], {}, "invalid int value"),
         ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": ""}, "no metadata database configured"),
         ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow@127.0.0.1:9/airflow"},
@@ -70,13 +75,23 @@ def _refused(result) -> str:
     ],
     ids=[
         "unknown-flag", "negative-timeout", "non-numeric-timeout", "nan-timeout", "negative-child-timeout",
-        "child-above-shutdown", "bad-env-shutdown", "bad-env-child", "bad-num-runs",
+        "child-above-shutdown", "bad-env-shutdown", "bad-env-child", "tasks-above-shutdown",
+        "bad-env-drain", "bad-num-runs",
         "no-db", "db-unreachable",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(home, args, env, expect):
     line = _refused(_run(SAFE + args, dict(base_env(home), **env)))
     assert expect in line
+
+
+def test_unforeseen_error_while_preparing_is_still_one_line(postgres, tmp_path):
+    """A log-server port that is not a number fails deep inside our preparation, in a way no check
+    of ours foresaw: still one line naming the error, exit 2, nothing started."""
+    deployment = Deployment(tmp_path / "airflow", postgres.url)
+    env = dict(deployment.env, AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT="eighty")
+    line = _refused(_run(SAFE, env))
+    assert "could not prepare the scheduler: ValueError" in line and "eighty" in line
 
 
 def test_only_idle_alone_is_refused(home):

@@ -68,7 +68,7 @@ def test_overlay_sets_exactly_the_described_keys():
 def test_grace_period_exceeds_our_deadline():
     shutdown_timeout = float(_overlay_env()["AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT"])
     grace = _overlay()["scheduler"]["terminationGracePeriodSeconds"]
-    assert grace > shutdown_timeout + watchdog.BACKSTOP_MARGIN
+    assert grace > shutdown_timeout + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN
 
 
 def test_overlay_args_and_env_run_the_safe_scheduler(deployment):
@@ -80,7 +80,7 @@ def test_overlay_args_and_env_run_the_safe_scheduler(deployment):
     pod.wait_healthy()
     assert "airflow-safe-scheduler" in " ".join(psutil.Process(pod.pid).cmdline())  # bash exec'd it
     pod.signal(signal.SIGTERM)
-    assert pod.wait_exit(60) == 0
+    assert pod.wait_exit(60) == 0, pod.log()[-4000:]
 
 
 # -- Docker image ----------------------------------------------------------------------------------

@@ -110,6 +110,27 @@ DEAF_HEALTH_CHECK = """
 """
 
 
+# airflow_local_settings.py that makes both our servers deaf to SIGTERM: ignored in the child before
+# the server starts, and every later attempt to handle it there (uvicorn, gunicorn) quietly dropped.
+DEAF_SERVERS = """
+    import multiprocessing.process
+    import signal
+
+    _run = multiprocessing.process.BaseProcess.run
+    _signal = signal.signal
+
+
+    def deaf_run(self):
+        if self.name in ("serve-logs", "health-check"):
+            _signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal = lambda signum, handler: None if signum == signal.SIGTERM else _signal(signum, handler)
+        return _run(self)
+
+
+    multiprocessing.process.BaseProcess.run = deaf_run
+"""
+
+
 def started(deployment, *args, **env):
     """A safe scheduler that is up: heartbeating, with serve-logs, health check and workers."""
     scheduler = deployment.scheduler(*args, **env)
@@ -297,10 +318,60 @@ def test_child_ignoring_sigterm_is_killed_after_child_stop_timeout(deployment):
     sent = scheduler.signal(signal.SIGTERM)
     code, took = assert_exits(scheduler, sent, 30 + MARGIN)
 
-    # 1, not 0, when Airflow's SIGTERM handler interrupts a query and the next pool pre-ping fails
-    # ("set_session cannot be used inside a transaction"): Airflow's race, seen once on CI.
-    assert code in (0, 1), scheduler.log()[-4000:]
+    # The cause decides: a SIGTERM stop is 0 even when Airflow's handler interrupts a query and the
+    # next pool pre-ping fails on the way out ("set_session cannot be used inside a transaction").
+    assert code == 0, scheduler.log()[-4000:]
     assert 3 <= took < 30, f"took {took:.1f}s: neither killed after 3s nor left to the 30s deadline"
+    assert_no_orphans(scheduler)
+
+
+def test_two_children_ignoring_sigterm_cost_one_child_stop_timeout(deployment):
+    """Both servers are deaf: stopped together, they cost one child_stop_timeout, not one each, so a
+    stop at half of shutdown_timeout still ends cleanly (exit 0), not as a forced exit (3)."""
+    deployment.add_local_settings(DEAF_SERVERS)
+    scheduler = started(deployment, "--shutdown-timeout", "8", "--child-stop-timeout", "4")
+
+    sent = scheduler.signal(signal.SIGTERM)
+    code, took = assert_exits(scheduler, sent, 8 + MARGIN)
+
+    assert code == 0, scheduler.log()[-4000:]
+    assert 4 <= took < 8, f"took {took:.1f}s: not one child_stop_timeout (4s) within the 8s deadline:\n{scheduler.log()[-3000:]}"
+    assert_no_orphans(scheduler)
+
+
+@pytest.mark.parametrize(
+    ("serve_logs", "health_check"),
+    [(True, False), (False, True), (False, False)],  # both on: test_db_stopped_exits_nonzero_without_orphans
+    ids=["serve-logs-only", "health-check-only", "neither"],
+)
+def test_optional_children_on_airflow_defaults(deployment, postgres, serve_logs, health_check):
+    """Each optional child on or off, with no key set for it that a user would not set."""
+    if not health_check:
+        for key in ("AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK", "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"):
+            del deployment.env[key]
+    scheduler = deployment.scheduler("--shutdown-timeout", "20", *([] if serve_logs else ["--skip-serve-logs"]))
+
+    def heartbeating() -> bool:
+        if scheduler.popen.poll() is not None:
+            raise AssertionError(f"exited early with {scheduler.popen.returncode}:\n{scheduler.log()[-4000:]}")
+        return postgres.execute(
+            "SELECT count(*) FROM job WHERE job_type = 'SchedulerJob' AND state = 'running'"
+            " AND latest_heartbeat > start_date"
+        )[0][0] > 0
+
+    wait_for(heartbeating, 120, interval=0.5, message="a scheduler heartbeat in the database")
+    if health_check:
+        scheduler.wait_healthy()
+    if serve_logs:
+        wait_for(lambda: scheduler.listening_on(deployment.log_port), 60, message="serve-logs to listen")
+    else:
+        assert not scheduler.listening_on(deployment.log_port)
+
+    postgres.stop("immediate")
+    fault = time.monotonic()
+    code, took = assert_exits(scheduler, fault, 20 + MARGIN)
+    assert code == 1, scheduler.log()[-4000:]
+    assert took < 20
     assert_no_orphans(scheduler)
 
 

@@ -22,14 +22,15 @@ class FakeConf:
 
 def test_defaults():
     assert load({}, FakeConf()) == Settings(
-        shutdown_timeout=30.0, child_stop_timeout=5.0, stall_timeout=60.0, db_timeouts=True
+        shutdown_timeout=30.0, child_stop_timeout=5.0, stall_timeout=60.0, db_timeouts=True,
+        task_drain_timeout=0.0, task_cleanup_timeout=23.0,
     )
 
 
 def test_config_then_cli_override():
     conf = FakeConf(shutdown_timeout="12", child_stop_timeout="2.5", stall_timeout="0", db_timeouts="False")
-    assert load({}, conf) == Settings(12.0, 2.5, 0.0, False)
-    assert load({"shutdown_timeout": "40", "stall_timeout": "15"}, conf) == Settings(40.0, 2.5, 15.0, False)
+    assert load({}, conf) == Settings(12.0, 2.5, 0.0, False, 0.0, 7.5)
+    assert load({"shutdown_timeout": "40", "stall_timeout": "15"}, conf) == Settings(40.0, 2.5, 15.0, False, 0.0, 35.5)
 
 
 def test_stall_timeout_default_follows_the_health_check_threshold():
@@ -60,3 +61,20 @@ def test_invalid_cli_values(raw):
 def test_child_timeout_may_not_exceed_shutdown_timeout():
     with pytest.raises(UsageError, match="must not exceed"):
         load({}, FakeConf(shutdown_timeout="3"))  # child default 5 > 3
+
+
+def test_task_cleanup_gets_what_the_deadline_leaves_by_default():
+    # 30 s deadline, no drain, 5 s for the servers, 2 x 1 s for the kills: 23 s for on_kill/on_termination.
+    assert load({}, FakeConf()).task_cleanup_timeout == 23.0
+    assert load({}, FakeConf(task_drain_timeout="10")).task_cleanup_timeout == 13.0
+    assert load({"shutdown_timeout": "8", "child_stop_timeout": "2"}, FakeConf()).task_cleanup_timeout == 4.0
+    assert load({}, FakeConf(task_cleanup_timeout="7")).task_cleanup_timeout == 7.0
+
+
+@pytest.mark.parametrize(
+    ("drain", "cleanup"), [("0", "26"), ("26", None), ("20", "6")], ids=["cleanup", "drain", "both"],
+)
+def test_task_timeouts_must_fit_in_the_deadline(drain, cleanup):
+    values = {"task_drain_timeout": drain} | ({"task_cleanup_timeout": cleanup} if cleanup else {})
+    with pytest.raises(UsageError, match="must not exceed shutdown_timeout"):
+        load({}, FakeConf(**values))

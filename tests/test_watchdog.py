@@ -1,25 +1,38 @@
-"""The exit watchdog in a real process: a hang in shutdown ends with code 3 and a stack dump; a hang
-that holds the GIL ends through faulthandler."""
+"""The shutdown deadline in a real process: a hang in shutdown ends with code 3 and a stack dump; a
+hang that holds the GIL ends through faulthandler; neither waits on output nobody reads."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 
+import pytest
+
+from procs import fill_pipe
 from safe_scheduler import exitcodes, watchdog
 
 
-def _run(body: str, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    script = textwrap.dedent(
+PRELUDE = textwrap.dedent(
         """
         import logging, sys, threading
         logging.basicConfig(stream=sys.stderr, level=logging.INFO)
-        from safe_scheduler.watchdog import ExitWatchdog
-        dog = ExitWatchdog(shutdown_timeout=1.5)
+        from safe_scheduler.shutdown import Cause, Shutdown
+        from safe_scheduler.signals import SignalListener
+        dog = Shutdown(1.5, name="scheduler")
+
+        def watch_signals():
+            SignalListener(lambda name: dog.begin(f"received {name}", Cause.SIGNAL)).start()
         """
-    ) + textwrap.dedent(body)
+)
+
+
+def _run(body: str, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    script = PRELUDE + textwrap.dedent(body)
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
     return done, time.monotonic() - started
@@ -30,7 +43,7 @@ def test_blocked_shutdown_is_forced_with_stack_dump():
         """
         def stuck_in_cleanup():
             threading.Event().wait()
-        dog.arm("test")
+        dog.begin("test")
         stuck_in_cleanup()
         """,
         timeout=30,
@@ -47,7 +60,7 @@ def test_sigterm_arms_the_deadline_while_the_main_thread_waits_in_a_db_driver(po
         f"""
         import os, signal, psycopg2
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))   # Airflow's: would exit 0
-        dog.watch_signals()
+        watch_signals()
         conn = psycopg2.connect(host="127.0.0.1", port={postgres.port}, user="airflow", dbname="airflow")
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
         conn.cursor().execute("SELECT pg_sleep(600)")
@@ -62,7 +75,7 @@ def test_gil_holding_hang_is_ended_by_faulthandler():
     done, took = _run(
         """
         import re
-        dog.arm("test")
+        dog.begin("test")
         re.match(r"(a+)+$", "a" * 64 + "b")   # catastrophic backtracking: C code holding the GIL
         """,
         timeout=60,
@@ -81,7 +94,7 @@ def test_sigterm_swallowed_inside_logging_still_ends_the_process():
         """
         import os, signal, weakref
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))   # Airflow 2's sigint_handler
-        dog.watch_signals()
+        watch_signals()
 
         def remove_handler_ref(ref):            # logging._removeHandlerRef, with the signal in between
             logging._lock.acquire()
@@ -111,8 +124,9 @@ def test_stall_with_logging_stuck_still_ends_the_process():
         """
         from safe_scheduler.stall import StallWatchdog
         from safe_scheduler import exitcodes, metrics
-        stall = StallWatchdog(1.0, on_stall=lambda why: dog.arm(why, forced_code=exitcodes.STALLED))
+        stall = StallWatchdog(1.0, name="scheduler", on_stall=lambda why: dog.begin(why, Cause.STALLED))
         metrics.gauge("seconds_since_heartbeat", 0)   # Airflow imported and Stats set up, as in a scheduler
+        import signal; signal.signal(signal.SIGTERM, lambda *a: None)   # the job would notice it later
         logging._lock.acquire()                  # left held, as a swallowed SystemExit can leave it
         import time; print("started", time.monotonic(), flush=True)
         stall.start()
@@ -125,3 +139,95 @@ def test_stall_with_logging_stuck_still_ends_the_process():
     started = float(done.stdout.split("started ", 1)[1].split()[0])
     assert ended - started < 1.0 + 1.5 + watchdog.REPORT_GRACE + 5
     assert "no successful scheduler heartbeat" in done.stderr
+
+
+# -- Output nobody reads: a pipe or socket whose reader stopped, filled to the brim. -----------------
+
+def _fill_socket(sock: socket.socket) -> int:
+    filled = 0
+    try:
+        while True:
+            filled += sock.send(b"x" * 65536, socket.MSG_DONTWAIT)  # this call only: the fd stays blocking
+    except BlockingIOError:
+        return filled
+
+
+def _run_with_output_nobody_reads(body: str, kind: str, timeout: float) -> tuple[int | None, float, bytes]:
+    """Run ``body`` with stdout and stderr a full pipe (or socket) that is read only after it ended."""
+    if kind == "pipe":
+        read_end, write_end = os.pipe()
+        reader = os.fdopen(read_end, "rb")
+    else:
+        ours, theirs = socket.socketpair()
+        write_end = theirs.detach()
+        reader = ours.makefile("rb")
+    # Started with the output empty, and the parent blocks on nothing: it only ever waits.
+    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+                            stdout=write_end, stderr=write_end, stdin=subprocess.DEVNULL)
+    try:
+        ready = time.monotonic() + 60
+        while time.monotonic() < ready and proc.poll() is None:  # until the child said it is set
+            if os.path.exists(f"/proc/{proc.pid}/fd/9"):
+                break
+            time.sleep(0.05)
+        started = time.monotonic()
+        if kind == "pipe":
+            fill_pipe(write_end)
+        else:
+            _fill_socket(socket.socket(fileno=os.dup(write_end)))
+        os.kill(proc.pid, signal.SIGUSR1)  # go
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+        proc.wait(10)
+        os.close(write_end)
+    return code, took, reader.read()
+
+
+# The child opens fd 9 once it is set up (Airflow-free), then waits for SIGUSR1 to start the scene,
+# so the pipe is filled while nothing of ours has written anything yet.
+SET_UP = """
+    import signal
+    go = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *a: go.set())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 9)
+    go.wait()
+"""
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_forced_exit_with_output_nobody_reads(kind):
+    """The forced exit's report cannot be written: it is abandoned, and the exit still comes."""
+    code, took, _ = _run_with_output_nobody_reads(
+        "import os\n" + textwrap.dedent(SET_UP) + textwrap.dedent("""
+        dog.begin("test")
+        logging.getLogger().info("a line that blocks the main thread for good" * 100)
+        threading.Event().wait()
+        """),
+        kind, timeout=30,
+    )
+    assert code == 3, f"exit code {code} after {took:.1f}s"
+    assert took < 1.5 + watchdog.REPORT_GRACE + 1 + 3
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_gil_holding_hang_with_output_nobody_reads(kind):
+    """faulthandler's dump cannot be written either: a pipe is reopened non-blocking, so the dump is
+    dropped and faulthandler exits; a socket cannot be, and the write-free SIGALRM ends it."""
+    code, took, _ = _run_with_output_nobody_reads(
+        "import os, re\n" + textwrap.dedent(SET_UP) + textwrap.dedent("""
+        dog.begin("test")
+        re.match(r"(a+)+$", "a" * 64 + "b")   # C code that holds the GIL
+        """),
+        kind, timeout=60,
+    )
+    if kind == "pipe":
+        assert code == exitcodes.FORCED_GIL_HELD, f"exit code {code} after {took:.1f}s"
+        assert took < 1.5 + watchdog.BACKSTOP_MARGIN + 3
+    else:
+        assert code == -signal.SIGALRM, f"exit code {code} after {took:.1f}s"
+        assert took < 1.5 + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN + 3

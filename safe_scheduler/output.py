@@ -1,0 +1,86 @@
+"""Output on the way out, which must never be what holds the process.
+
+A write to a pipe whose reader stopped reading blocks until somebody reads: a container log driver
+in blocking mode whose endpoint is down (Docker's fluentd, awslogs, gelf), a ``| tee`` that hung,
+any full pipe. Measured before this module: a scheduler with such a stdout/stderr was still alive
+75 s after the database went away, its forced exit stuck in ``os.write(2, …)`` and the
+faulthandler backstop stuck writing its dump to the same pipe.
+
+So on the exit path:
+
+* a log call or a write runs in a daemon thread and is waited for a bounded time (``bounded``,
+  ``say``); past that it is abandoned, and ``os._exit`` takes the thread with it;
+* the GIL-free backstop writes its dump to ``nonblocking_stderr()``, a second open of the same pipe
+  with ``O_NONBLOCK``: a full pipe makes the write fail at once instead of waiting.
+
+What did not fit into the pipe before the exit is lost; what did fit is read once the reader
+drains it. Our own descriptor 1 and 2 stay as they are (blocking), so nothing changes for Airflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from safe_scheduler import threads
+
+#: Seconds a line on stderr may take on the way out before it is given up.
+SAY_GRACE = 1.0
+
+
+def bounded(seconds: float, func: Callable[..., Any], *args: Any) -> bool:
+    """Run ``func(*args)`` beside us and wait at most ``seconds``; True if it finished."""
+    return threads.run_bounded("safe-exit-out", seconds, func, *args)
+
+
+def in_background(func: Callable[..., Any], *args: Any) -> None:
+    """Run ``func(*args)`` beside us and do not wait: for log lines the caller must not hang on."""
+    threads.start_daemon("safe-exit-out", func, *args)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def say(text: str, seconds: float = SAY_GRACE) -> bool:
+    """Write ``text`` to stderr (fd 2, no Python lock) within ``seconds``; True if it all went out."""
+    return bounded(seconds, _write_all, 2, text.encode(errors="replace"))
+
+
+def flush_logs(seconds: float = SAY_GRACE) -> bool:
+    """Flush every root handler and the std streams, for at most ``seconds`` in all."""
+
+    def flush() -> None:
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+    return bounded(seconds, flush)
+
+
+def nonblocking_stderr() -> int:
+    """A descriptor for stderr that never blocks a writer, for the GIL-free backstop's dump.
+
+    A pipe or a terminal is opened a second time through ``/proc/self/fd/2`` with ``O_NONBLOCK``:
+    a new open file description, so fd 2 itself stays blocking for everyone else. A regular file
+    never blocks a write for long, so it is shared as it is (a duplicate keeps its offset and
+    ``O_APPEND``). A socket cannot be opened a second time; its duplicate can still block, which
+    is why the backstop has a last layer that writes nothing (``watchdog``).
+    """
+    try:
+        mode = os.fstat(2).st_mode
+    except OSError:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        with contextlib.suppress(OSError):
+            return os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    return os.dup(2)

@@ -1,0 +1,167 @@
+"""Stopping process trees: the one primitive every stop goes through.
+
+``stop()`` signals every target, waits once, kills what is left together with everything below
+it, reaps, and names whatever it could not kill and why. Every target is signalled before any is
+waited for, so two children that ignore SIGTERM cost one grace period, not two; and the wait is cut
+to the time the shutdown deadline leaves, so a stop never needs a budget of its own.
+
+Trees are listed before anything is signalled: once a process is dead its children are
+re-parented to init (or to a subreaper) and can no longer be found from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import psutil
+
+from safe_scheduler import metrics
+
+log = logging.getLogger("safe_scheduler.tree")
+
+#: Seconds of what the deadline leaves that are kept for SIGKILL and reaping after the polite wait.
+KILL_RESERVE = 1.0
+#: Seconds to wait for SIGKILLed processes to be gone before naming them as unkillable.
+KILL_WAIT = 1.0
+
+
+@dataclass
+class Outcome:
+    """What one ``stop()`` did: ended politely, killed, and could not kill (with the reason)."""
+
+    stopped: list[psutil.Process] = field(default_factory=list)
+    killed: list[psutil.Process] = field(default_factory=list)
+    unkillable: list[tuple[psutil.Process, str]] = field(default_factory=list)
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie has ended; only its exit status is left to collect)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def descendants(pid: int | None = None) -> list[psutil.Process]:
+    """Every living process below ``pid`` (default: this process)."""
+    try:
+        return [p for p in psutil.Process(pid or os.getpid()).children(recursive=True) if alive(p)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _with_trees(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    found: dict[int, psutil.Process] = {}
+    for proc in procs:
+        for member in [proc, *descendants(proc.pid)]:
+            found.setdefault(member.pid, member)
+    return list(found.values())
+
+
+def send(procs: Iterable[psutil.Process], sig: int, refused: dict[int, str]) -> None:
+    """Send ``sig`` to each process; note in ``refused`` why one we may not signal was skipped."""
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.AccessDenied:
+            refused[proc.pid] = _why_denied(proc)
+
+
+def _why_denied(proc: psutil.Process) -> str:
+    try:
+        uid = proc.uids().real
+    except psutil.Error:
+        return "permission denied"
+    return f"permission denied (it runs as uid {uid}, we as uid {os.geteuid()})"
+
+
+def _why_alive(proc: psutil.Process) -> str:
+    try:
+        state = proc.status()
+    except psutil.Error:
+        state = "?"
+    if state == psutil.STATUS_DISK_SLEEP:
+        return "still alive after SIGKILL: in uninterruptible sleep (state D), waiting on the kernel"
+    return f"still alive {KILL_WAIT:g}s after SIGKILL (state {state})"
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until ``procs`` have ended (zombies count as ended); return those still alive."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in procs if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+def reap() -> None:
+    """Collect the exit status of the children multiprocessing started, through multiprocessing.
+
+    Only through it: a child taken from multiprocessing with ``waitpid`` leaves its ``join()``
+    without an exit code, and one taken from ``subprocess`` reads as exit code 0. Any other ended
+    child of ours stays a zombie until we exit, which costs a process-table slot, not a process;
+    ``alive()`` counts it as ended.
+    """
+    multiprocessing.active_children()
+
+
+def stop(
+    targets: Iterable[psutil.Process],
+    grace: float,
+    remaining: Callable[[], float] | None = None,
+    what: str = "processes",
+) -> Outcome:
+    """SIGTERM ``targets`` → wait once, up to ``grace`` → SIGKILL what is left, trees included → reap.
+
+    ``remaining``: seconds left until the shutdown deadline; the polite wait is cut so that the
+    kill and reap still fit before it. Processes we may not signal (another user's) and processes
+    that outlive SIGKILL are logged by pid with the reason, and counted in the outcome.
+    """
+    targets = [p for p in targets if alive(p)]
+    outcome = Outcome()
+    if not targets:
+        return outcome
+    tree = _with_trees(targets)
+    refused: dict[int, str] = {}
+    send(targets, signal.SIGTERM, refused)
+    wait = grace if remaining is None else max(0.0, min(grace, remaining() - KILL_RESERVE))
+    left = _wait_gone(tree, wait)
+    outcome.stopped = [p for p in tree if p not in left]
+    if left:
+        left = _with_trees(left)  # a process may have forked while we waited
+        log.warning(
+            "%s did not stop within %.1fs of SIGTERM; killing: %s",
+            what, wait, ", ".join(_describe(p) for p in left),
+        )
+        send(left, signal.SIGKILL, refused)
+        survivors = _wait_gone(left, KILL_WAIT)
+        outcome.killed = [p for p in left if p not in survivors]
+        outcome.unkillable = [(p, refused.get(p.pid) or _why_alive(p)) for p in survivors]
+        metrics.incr("children_killed", len(outcome.killed))
+    reap()
+    for proc, why in outcome.unkillable:
+        log.error("Could not stop %s: %s", _describe(proc), why)
+    return outcome
+
+
+def kill_all_below_us() -> int:
+    """SIGKILL everything below this process at once, for a forced exit that has no time left."""
+    procs = descendants()
+    send(procs, signal.SIGKILL, {})
+    return len(procs)
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} ({proc.name()})"
+    except psutil.Error:
+        return f"pid {proc.pid}"

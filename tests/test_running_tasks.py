@@ -1,0 +1,158 @@
+"""Running tasks on the way out, under a real scheduler and a real DAG run.
+
+A LocalExecutor task starts a job at a stand-in external service on loopback and waits for it,
+with ``on_termination`` registered to cancel it: the ghost-job case. The scheduler is then stopped
+(DB gone, SIGTERM), and the service tells from outside whether the job was cancelled. On Airflow 3
+a real api-server and dag-processor run beside the scheduler.
+"""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import time
+
+import pytest
+
+from jobservice import JobService
+from procs import wait_for
+
+pytestmark = pytest.mark.all_versions
+
+SHUTDOWN, CHILD_STOP = 10, 3
+MARGIN = 10.0
+#: Seconds a scheduler may take to notice that the database went away (its next query fails).
+NOTICE = 5.0
+
+DAG = """
+    import json
+    import os
+    import time
+    import urllib.request
+    from datetime import datetime, timedelta
+
+    try:
+        from airflow.providers.standard.operators.python import PythonOperator
+        from airflow.sdk import DAG
+    except ImportError:  # Airflow 2
+        from airflow import DAG
+        from airflow.operators.python import PythonOperator
+
+    from safe_scheduler.tasks import on_termination
+
+    SERVICE = {service!r}
+    MODE = {mode!r}
+
+
+    def call(method, path):
+        data = b"" if method == "POST" else None
+        request = urllib.request.Request(SERVICE + path, method=method, data=data)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"{{}}")
+
+
+    def cancel(job_id):
+        call("POST", f"/jobs/{{job_id}}/cancel")
+
+
+    def hang_forever(job_id):
+        call("POST", f"/jobs/{{job_id}}/hanging-cleanup")
+        time.sleep(600)
+
+
+    def run_job():
+        with on_termination(timeout=60) as stop:
+            job = call("POST", "/jobs")["id"]
+            stop.add(cancel, job)
+            if MODE == "hanging-cleanup":
+                stop.add(hang_forever, job)   # added last, runs first, and never returns
+            while call("GET", f"/jobs/{{job}}")["state"] == "running":
+                time.sleep(0.2)
+            raise RuntimeError(f"job {{job}} was cancelled")
+
+
+    with DAG("external_job", schedule="@once", start_date=datetime(2026, 1, 1), catchup=False,
+             default_args={{"retries": 1, "retry_delay": timedelta(seconds=1)}}):
+        for n in range({tasks}):
+            PythonOperator(task_id=f"job_{{n}}", python_callable=run_job)
+"""
+
+
+def write_dag(dags_folder, service_url: str, mode: str = "wait", tasks: int = 1) -> None:
+    """The DAG: ``tasks`` tasks, each starting one external job and waiting for it."""
+    (dags_folder / "external_job.py").write_text(textwrap.dedent(DAG.format(service=service_url, mode=mode, tasks=tasks)))
+
+
+@pytest.fixture
+def service():
+    svc = JobService()
+    yield svc
+    svc.close()
+
+
+def _running_job(deployment, service, mode: str = "wait", **env: str):
+    """A safe scheduler whose one task has started its external job."""
+    write_dag(deployment.home / "dags", service.url, mode)
+    deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+    deployment.start_task_services()
+    scheduler = deployment.scheduler(
+        "--shutdown-timeout", str(SHUTDOWN), "--child-stop-timeout", str(CHILD_STOP), **env
+    )
+    try:
+        wait_for(lambda: len(service.jobs) >= 1, 240, interval=0.5, message="the task to start its job")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; scheduler log:\n{scheduler.log()[-3000:]}") from None
+    return scheduler
+
+
+def _gone(scheduler, since: float) -> tuple[int, float]:
+    code = scheduler.wait_exit(NOTICE + SHUTDOWN + MARGIN)
+    assert code is not None, f"still running {SHUTDOWN + MARGIN:g}s later:\n{scheduler.log()[-4000:]}"
+    left = scheduler.survivors_after(5)
+    assert not left, f"outlived the scheduler: {[(p.pid, ' '.join(p.cmdline())) for p in left]}"
+    return code, scheduler.exited_at - since
+
+
+def test_db_stopped_cancels_the_job_and_the_retry_starts_one(deployment, postgres, service):
+    scheduler = _running_job(deployment, service)
+    postgres.stop("immediate")
+    code, took = _gone(scheduler, time.monotonic())
+
+    assert code == 1, scheduler.log()[-4000:]
+    assert took < NOTICE + SHUTDOWN, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
+    assert service.jobs == {1: "cancelled"}, f"{service.calls}\n{scheduler.log()[-3000:]}"
+
+    # The database comes back; the task instance that was running is found without a heartbeat and
+    # retried: exactly one new job, none left from before.
+    postgres.start()
+    deployment.start_task_services()
+    # The old scheduler's task instance is reset by the next one's check for orphaned tasks, every
+    # 5 s instead of 300 s (the old scheduler's heartbeat is long older than the 30 s threshold).
+    again = deployment.scheduler(AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL="5")
+    try:
+        wait_for(lambda: len(service.jobs) >= 2 or again.popen.poll() is not None, 240, interval=0.5,
+                 message="the retry to start its job")
+    except AssertionError as exc:
+        states = postgres.execute("SELECT task_id, state, try_number FROM task_instance")
+        raise AssertionError(f"{exc}; task instances: {states}\n{again.log()[-5000:]}") from None
+    assert again.popen.poll() is None, again.log()[-3000:]
+    time.sleep(3)  # a grace period for a second, wrong start to show up; not the assertion itself
+    assert service.jobs == {1: "cancelled", 2: "running"}, service.calls
+
+
+def test_sigterm_cancels_the_job_and_exits_0(deployment, service):
+    scheduler = _running_job(deployment, service)
+    code, took = _gone(scheduler, scheduler.signal(signal.SIGTERM))
+
+    assert code == 0, scheduler.log()[-4000:]
+    assert took < SHUTDOWN, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
+    assert service.jobs == {1: "cancelled"}, f"{service.calls}\n{scheduler.log()[-3000:]}"
+
+
+def test_hanging_cleanup_is_cut_at_its_budget(deployment, service):
+    scheduler = _running_job(deployment, service, mode="hanging-cleanup")
+    code, took = _gone(scheduler, scheduler.signal(signal.SIGTERM))
+
+    assert code == 0, scheduler.log()[-4000:]
+    assert took < SHUTDOWN, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
+    assert service.count("/jobs/1/hanging-cleanup") == 1  # the cleanup ran, and hung until killed
