@@ -326,7 +326,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="repetitions per scenario (default 5, quick 1)")
     parser.add_argument("--limit", type=float, help="seconds after which a process counts as never gone (60, quick 45)")
     parser.add_argument("--scenarios", nargs="*", choices=list(SCENARIOS), help="default: all")
-    parser.add_argument("--no-overhead", action="store_true", help="only the fault scenarios")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead measures")
+    parser.add_argument("--no-faults", action="store_true", help="skip the fault-to-exit scenarios")
     parser.add_argument("--tasks", type=int, nargs="*", default=None,
                         help="stop with N tasks running, for each N (default 1 16; quick: 1; none: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -341,7 +342,7 @@ def main() -> int:
     try:
         bench = Bench(root)
         faults: dict = {}
-        for name in args.scenarios or SCENARIOS:
+        for name in [] if args.no_faults else (args.scenarios or SCENARIOS):
             faults[name] = {"stock": [], "safe": []}
             for rep in range(args.reps):
                 for kind in ("stock", "safe"):  # interleaved, so drift hits both alike
@@ -383,7 +384,8 @@ def main() -> int:
             overhead = {"airflow": airflow.__version__, "rows": rows,
                         "samples": {m: {k: samples[k][m] for k in samples} for m in samples["stock"]}}
         print(report(faults, overhead, args, args.out, stops))
-        chart(faults, args.limit, args.out)
+        if faults:
+            chart(faults, args.limit, args.out)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

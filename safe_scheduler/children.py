@@ -1,9 +1,20 @@
-"""The job process's servers (serve-logs, health check): started together, stopped together.
+"""The job process's servers (serve-logs, health check): started together, watched, restarted,
+stopped together.
 
 Stock Airflow only ``terminate()``s these children, and before Airflow 2.7 not even on an
 exception; ``multiprocessing`` then ``join()``s them forever at interpreter exit (Airflow #32706).
 Here they are stopped on every way out of the block (return, exception, ``SystemExit``, signal)
 through ``tree.stop``: all of them at once, within the time the shutdown deadline leaves.
+
+While the job runs, a server that dies (the OOM killer's pick, a crash) is noticed within a
+second: one log line with its exit code or signal, and a metric. Stock Airflow notices nothing, and
+in Kubernetes a running task's log stays dark until the pod is replaced. It is started again after
+a backoff (1 s, doubling up to 60 s while it keeps dying; back to 1 s once it has run for 60 s),
+from the main thread, at the job's next heartbeat: a fork from the main thread is the one that
+gets the death signal, and scheduling never waits for it. One that cannot come back (its port is
+taken) keeps being retried at the longest backoff, with a line and a metric each time, and the
+scheduler keeps scheduling: a log server matters less than the schedule, and a restart of the whole
+scheduler would not free the port either.
 """
 
 from __future__ import annotations
@@ -12,14 +23,23 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
 
-from safe_scheduler import forkhook, tree
+from safe_scheduler import forkhook, metrics, output, threads, tree
 
 log = logging.getLogger("safe_scheduler.children")
+
+#: Seconds between two looks at the servers.
+WATCH_INTERVAL = 1.0
+#: Seconds to wait before the first restart, doubled for each death in a row, up to the maximum.
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+#: A server that has run this long counts as healthy again: its next death starts the backoff over.
+STABLE_AFTER = 60.0
 
 
 def _server_main(target: Callable[[], Any]) -> None:
@@ -31,19 +51,43 @@ def _server_main(target: Callable[[], Any]) -> None:
     target()
 
 
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "is gone"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
 class ChildProcess:
     """A server child, run by multiprocessing (so Airflow's own start method and context apply)."""
 
     def __init__(self, name: str, target: Callable[[], Any]) -> None:
         self.name = name
-        self.process = multiprocessing.Process(target=_server_main, args=(target,), name=name)
+        self.target = target
+        self.process = self._new_process()
+        self.started_at = 0.0
+        #: Deaths in a row (reset once it has run for STABLE_AFTER), and when it may start again.
+        self.deaths = 0
+        self.restart_at: float | None = None
+
+    def _new_process(self) -> multiprocessing.Process:
+        return multiprocessing.Process(target=_server_main, args=(self.target,), name=self.name)
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
 
+    @property
+    def metric_name(self) -> str:
+        return self.name.replace("-", "_")
+
     def start(self) -> None:
         self.process.start()
+        self.started_at = time.monotonic()
         log.info("Started %s (pid %s)", self.name, self.process.pid)
 
     def psutil_process(self) -> psutil.Process | None:
@@ -66,17 +110,73 @@ def stop_all(children: list[ChildProcess], grace: float, remaining: Callable[[],
     return outcome
 
 
+class Servers:
+    """The servers for the duration of the job: a watcher thread notices deaths, the job's main
+    thread restarts them (``restart_due``, called on each heartbeat)."""
+
+    def __init__(self, children: list[ChildProcess]) -> None:
+        self.children = children
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for child in self.children:
+            child.start()
+        if self.children:
+            threads.start_daemon("safe-children", self._watch)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(WATCH_INTERVAL):
+            for child in self.children:
+                with self._lock:
+                    if self._stopping.is_set() or child.restart_at is not None:
+                        continue
+                    exitcode = child.process.exitcode  # polls: reaps a dead child
+                    if exitcode is None:
+                        continue
+                    lived = time.monotonic() - child.started_at
+                    child.deaths = 1 if lived >= STABLE_AFTER else child.deaths + 1
+                    delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (child.deaths - 1))
+                    child.restart_at = time.monotonic() + delay
+                metrics.incr(f"child_exited.{child.metric_name}")
+                output.in_background(
+                    log.error, "%s (pid %s) %s after %.0fs; starting it again in %gs (death %d in a row)",
+                    child.name, child.pid, _how_it_ended(exitcode), lived, delay, child.deaths,
+                )
+
+    def restart_due(self) -> None:
+        """Start again every server whose backoff is over (from the main thread, so that it gets
+        the death signal like the first one)."""
+        now = time.monotonic()
+        for child in self.children:
+            with self._lock:
+                if self._stopping.is_set() or child.restart_at is None or now < child.restart_at:
+                    continue
+                child.restart_at = None
+                child.process = child._new_process()
+                try:
+                    child.start()
+                except Exception:  # noqa: BLE001 - scheduling must not fail because a server did
+                    child.restart_at = now + BACKOFF_MAX
+                    log.exception("Could not start %s again; next try in %gs", child.name, BACKOFF_MAX)
+                    continue
+            metrics.incr(f"child_restarted.{child.metric_name}")
+
+    def stop(self, grace: float, remaining: Callable[[], float] | None = None) -> tree.Outcome:
+        """No more restarts; stop every server that runs, together."""
+        self._stopping.set()
+        with self._lock:
+            return stop_all(self.children, grace, remaining)
+
+
 @contextlib.contextmanager
 def running(
     servers: list[tuple[str, Callable[[], Any]]], grace: float, remaining: Callable[[], float] | None = None
-) -> Iterator[list[ChildProcess]]:
+) -> Iterator[Servers]:
     """Run each ``(name, target)`` in a child for the duration of the block; stop all on every way out."""
-    children: list[ChildProcess] = []
+    group = Servers([ChildProcess(name, target) for name, target in servers])
     try:
-        for name, target in servers:
-            child = ChildProcess(name, target)
-            children.append(child)
-            child.start()
-        yield children
+        group.start()
+        yield group
     finally:
-        stop_all(children, grace, remaining)
+        group.stop(grace, remaining)

@@ -63,9 +63,13 @@ def _run_job(
     compat.set_mp_start_method()
     job_runner = compat.new_job_runner(args)
 
+    running: list[children.Servers] = []
+
     def heartbeat() -> None:
         stall.beat()
         notifier.heartbeat()
+        for servers in running:  # a server that died is started again from here: the main thread
+            servers.restart_due()
 
     compat.on_heartbeat(job_runner, heartbeat)
     executors = compat.executors(job_runner)
@@ -86,7 +90,8 @@ def _run_job(
         servers.append(("serve-logs", compat.serve_logs_target()))
     if compat.health_check_enabled():
         servers.append(("health-check", compat.health_check_target()))
-    with children.running(servers, settings.child_stop_timeout, shutdown.remaining):
+    with children.running(servers, settings.child_stop_timeout, shutdown.remaining) as started:
+        running.append(started)
         try:
             stall.start()
             compat.run_job(job_runner)

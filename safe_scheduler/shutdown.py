@@ -6,17 +6,21 @@ first call arms one deadline, ``shutdown_timeout`` seconds away, and every later
 servers, the final sweep, the exit itself) runs within what it leaves. The first *cause* named
 wins; ``exit_code`` maps it, and nothing else in the package decides an exit code.
 
-| cause                             | noticed by                  | what runs                         | exit code |
-| --------------------------------- | --------------------------- | --------------------------------- | --------- |
-| the job returned (``--num-runs``) | main thread                 | stop servers, sweep, exit         | 0         |
-| the job raised (DB gone, a bug)   | main thread                 | stop servers, sweep, exit         | 1         |
-| the job raised ``SystemExit(n)``  | main thread                 | stop servers, sweep, exit         | n         |
-| SIGTERM / SIGINT                  | signal listener (wakeup fd) | Airflow's handler unwinds the job | 0         |
-| no heartbeat for ``stall_timeout``| stall watchdog              | SIGTERM to itself, then as above  | 4         |
-| any of these, past the deadline   | exit watchdog thread        | SIGKILL the tree, stacks, exit    | 3 (4 for a stall) |
-| the GIL held past deadline + 5 s  | faulthandler's C thread     | stacks to stderr, ``_exit``       | 1         |
-| faulthandler blocked too (+ 3 s)  | the kernel (``alarm``)      | SIGALRM ends the process          | killed by SIGALRM |
-| bad input before start            | ``cli``                     | nothing starts                    | 2         |
+"The stop" below is the same every time: running tasks get SIGTERM and their cleanup time
+(``taskstop``), the executor's ``end()`` gets what is left, the servers are stopped together and
+everything else below us is swept (``tree.stop``), all within the one deadline.
+
+| cause                              | noticed by                  | what runs                          | exit code |
+| ---------------------------------- | --------------------------- | ---------------------------------- | --------- |
+| the job returned (``--num-runs``)  | main thread                 | the stop, exit                     | 0         |
+| the job raised (DB gone, a bug)    | main thread                 | the stop, exit                     | 1         |
+| the job raised ``SystemExit(n)``   | main thread                 | the stop, exit                     | n         |
+| SIGTERM / SIGINT                   | signal listener (wakeup fd) | Airflow's handler unwinds; the stop | 0        |
+| no heartbeat for ``stall_timeout`` | stall watchdog              | SIGTERM to itself; the stop        | 4         |
+| any of these, past the deadline    | exit watchdog thread        | SIGKILL the tree, stacks, exit     | 3 (4 for a stall) |
+| the GIL held past deadline + 5 s   | faulthandler's C thread     | stacks to stderr, ``_exit``        | 1         |
+| faulthandler blocked too (+ 3 s)   | the kernel (``alarm``)      | SIGALRM ends the process           | killed by SIGALRM |
+| bad input before start             | ``cli``                     | nothing starts                     | 2         |
 
 A cause beats what happens while unwinding from it: SIGTERM is a clean stop (0) even if the
 database connection breaks on the way out, and a stall stays a stall (4) whatever the job raises

@@ -8,9 +8,10 @@ database went away, SIGTERM, a stall) this runs beside whatever the main thread 
 when the main thread is stuck:
 
 1. drain: up to ``task_drain_timeout`` seconds for the tasks to finish on their own (0 by default);
-2. SIGTERM to the top process of each task (Airflow 2's ``tasks run --local`` job, which passes it
-   on to the task as it does when a task is marked failed; Airflow 3's task process itself), so
-   that ``on_kill`` and ``on_termination`` run; a task that appears meanwhile gets it too;
+2. SIGTERM to the top process of each task, the child of an executor worker: Airflow 2's
+   ``tasks run --local`` job and Airflow 3's task supervisor, each of which passes it on to the
+   task process as it does when a task is marked failed, so that ``on_kill`` and
+   ``on_termination`` run; a task that starts meanwhile gets it too;
 3. up to ``task_cleanup_timeout`` seconds for them to end;
 4. SIGKILL to what is left, with everything below it.
 
@@ -100,12 +101,11 @@ class TaskStop:
             time.sleep(POLL)
 
         signalled: dict[int, psutil.Process] = {}
-        refused: dict[int, str] = {}
         cleanup_until = time.monotonic() + min(self.cleanup, self._left())
         while True:
             current = [p for p in self.find_tasks() if tree.alive(p)]
             fresh = [p for p in current if p.pid not in signalled]
-            tree.send(fresh, signal.SIGTERM, refused)
+            tree.send(fresh, signal.SIGTERM, {})  # one we may not signal is named by tree.stop below
             signalled.update((p.pid, p) for p in fresh)
             if not current or time.monotonic() >= cleanup_until:
                 break

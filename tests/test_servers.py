@@ -1,0 +1,79 @@
+"""Servers that die while the scheduler runs: noticed, counted, started again.
+
+serve-logs is SIGKILLed as the OOM killer would; a stock scheduler goes on without a log server, so
+a running task's log stays dark. Everything is observed from outside: who listens on the log port,
+the metrics on a real statsd listener, the health check.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from procs import wait_for
+from test_faults import started
+from test_hung import statsd  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.all_versions
+
+
+def _kill_log_server(scheduler, port: int) -> int:
+    """SIGKILL the scheduler's serve-logs child (the one listening on ``port``); return its pid."""
+    servers = [p for p in scheduler.listening_on(port) if p.ppid() == scheduler.pid]
+    assert len(servers) == 1, servers
+    servers[0].send_signal(signal.SIGKILL)
+    return servers[0].pid
+
+
+def _listener_pids(scheduler, port: int) -> set[int]:
+    return {p.pid for p in scheduler.listening_on(port) if p.ppid() == scheduler.pid}
+
+
+def test_killed_log_server_is_listening_again(deployment, statsd):  # noqa: F811
+    scheduler = started(deployment, **statsd.env)
+    killed = _kill_log_server(scheduler, deployment.log_port)
+    gone = time.monotonic()
+
+    wait_for(lambda: _listener_pids(scheduler, deployment.log_port) - {killed}, 10,
+             message="a new serve-logs listening on the log port")
+    back = time.monotonic() - gone
+    assert back < 10, f"{back:.1f}s"
+    wait_for(lambda: statsd.has(r"safe_scheduler\.child_exited\.serve_logs:1\|c"), 5,
+             message="the child_exited metric")
+    assert statsd.has(r"safe_scheduler\.child_restarted\.serve_logs:1\|c")
+    assert scheduler.popen.poll() is None
+
+
+def test_log_server_that_cannot_come_back_does_not_stop_scheduling(deployment, statsd):  # noqa: F811
+    """Its port is taken (a leftover of another scheduler, #40726): the restarts fail, are counted,
+    back off, and the scheduler keeps heartbeating; once the port is free it is back."""
+    scheduler = started(deployment, **statsd.env)
+    killed = _kill_log_server(scheduler, deployment.log_port)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def take_port() -> bool:
+        try:
+            squatter.bind(("", deployment.log_port))
+        except OSError:
+            return False
+        squatter.listen()
+        return True
+
+    try:
+        wait_for(take_port, 5, interval=0.01, message="the log port to be free to take")
+        deaths = r"safe_scheduler\.child_exited\.serve_logs:1\|c"
+        wait_for(lambda: sum(1 for m in list(statsd.messages) if "child_exited.serve_logs" in m) >= 3, 60,
+                 message="two failed restarts after the kill")
+        assert statsd.has(deaths)
+        assert scheduler.health_status() == 200, "the scheduler stopped heartbeating"
+        assert scheduler.popen.poll() is None
+    finally:
+        squatter.close()
+    wait_for(lambda: _listener_pids(scheduler, deployment.log_port) - {killed}, 70,
+             message="serve-logs back once the port is free")
+    assert not [p for p in psutil.Process(scheduler.pid).children() if p.status() == psutil.STATUS_ZOMBIE]
