@@ -248,19 +248,24 @@ def _tasks_table(stops: dict, limit: float) -> list[str]:
 
 
 def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = None) -> str:
+    import airflow
+
     lines = [
         "# Benchmark: stock `airflow scheduler` vs `airflow-safe-scheduler`",
         "",
-        f"Airflow {overhead.get('airflow', '?')}, {os.cpu_count()} cores, {args.reps} repetition(s), "
+        f"Airflow {airflow.__version__}, {os.cpu_count()} cores, {args.reps} repetition(s), "
         f"limit {args.limit:g} s. Safe scheduler flags: `{' '.join(SAFE_ARGS)}`. Command: "
         f"`{' '.join(['scripts/bench', *sys.argv[1:]])}`.",
-        "",
-        "## Fault to exit (seconds until the scheduler and every process it forked are gone)",
-        "",
-        "| scenario | stock median | stock max | stock exit codes | stock orphans | safe median | safe max | "
-        "safe exit codes | safe orphans |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if faults:
+        lines += [
+            "",
+            "## Fault to exit (seconds until the scheduler and every process it forked are gone)",
+            "",
+            "| scenario | stock median | stock max | stock exit codes | stock orphans | safe median | safe max | "
+            "safe exit codes | safe orphans |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
     for name, runs in faults.items():
         row = [name]
         for kind in ("stock", "safe"):
