@@ -141,7 +141,7 @@ class TreeWatcher:
                     child.send_signal(signal.SIGSTOP)
 
     def survivors(self) -> list[psutil.Process]:
-        return [p for p in self.seen.values() if alive(p)]
+        return [p for p in list(self.seen.values()) if alive(p)]  # a copy: the watcher thread adds
 
     def kill_survivors(self) -> None:
         self._stop.set()
@@ -149,7 +149,7 @@ class TreeWatcher:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
-        for proc in self.seen.values():
+        for proc in list(self.seen.values()):
             with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
                 proc.wait(0.5)
 
@@ -237,7 +237,7 @@ class SchedulerProcess:
 
     @property
     def seen(self) -> dict[tuple[int, float], psutil.Process]:
-        return {key: proc for watcher in self.watchers for key, proc in watcher.seen.items()}
+        return {key: proc for watcher in self.watchers for key, proc in list(watcher.seen.items())}
 
     def survivors(self) -> list[psutil.Process]:
         return [p for p in self.seen.values() if alive(p)]

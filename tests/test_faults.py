@@ -143,6 +143,24 @@ def started(deployment, *args, **env):
     return scheduler
 
 
+def started_stock(deployment, **env):
+    """A stock ``airflow scheduler`` that reports healthy.
+
+    Stock 2.x now and then dies at start-up, when its first INSERT into ``job`` fails with "error
+    with status PGRES_TUPLES_OK and no message from the libpq": a connection shared across its own
+    fork of serve-logs or the health check (seen once on CI, 2.11.2). That is not what the stock
+    tests document, so that one start-up failure, and only it, is tried once more.
+    """
+    for attempt in (1, 2):
+        scheduler = deployment.scheduler(stock=True, **env)
+        try:
+            scheduler.wait_healthy()
+            return scheduler
+        except AssertionError as exc:
+            if attempt == 2 or "no message from the libpq" not in str(exc):
+                raise
+
+
 def assert_exits(scheduler, since: float, within: float) -> tuple[int, float]:
     code = scheduler.wait_exit(within)
     assert code is not None, f"still running {within:g}s after the fault:\n{scheduler.log()[-4000:]}"
@@ -385,8 +403,7 @@ def test_stock_scheduler_seed_scenario(deployment, postgres):
     alive a minute later, serve-logs with it; where upstream fixed that path, it exits non-zero.
     """
     zombie_path = compat.stock_scheduler_leaks_children_on_error()
-    scheduler = deployment.scheduler(stock=True)
-    scheduler.wait_healthy()
+    scheduler = started_stock(deployment)
     wait_for(lambda: scheduler.listening_on(deployment.log_port), 30, message="the serve-logs child")
 
     postgres.stop("immediate")
@@ -401,8 +418,7 @@ def test_stock_scheduler_seed_scenario(deployment, postgres):
 
 def test_stock_scheduler_sigkill_leaves_orphans(deployment):
     """Documents the problem: SIGKILL of stock ``airflow scheduler`` leaves every child running."""
-    scheduler = deployment.scheduler(stock=True)
-    scheduler.wait_healthy()
+    scheduler = started_stock(deployment)
     wait_for(lambda: len(scheduler.descendants_named("worker")) >= 4, 30, message="executor workers")
 
     scheduler.signal(signal.SIGKILL)
@@ -414,8 +430,7 @@ def test_stock_scheduler_sigkill_leaves_orphans(deployment):
 def test_stock_scheduler_with_leaked_thread_never_exits(deployment, postgres):
     """Documents the problem: a plugin's non-daemon thread keeps a failed stock scheduler alive."""
     deployment.add_plugin("leaky_thread", LEAKY_THREAD_PLUGIN)
-    scheduler = deployment.scheduler(stock=True)
-    scheduler.wait_healthy()
+    scheduler = started_stock(deployment)
 
     postgres.stop("immediate")
     assert scheduler.wait_exit(30) is None, "stock Airflow exited: the zombie scenario no longer reproduces"

@@ -15,7 +15,7 @@ import pytest
 from conftest import PYTHON
 from procs import wait_for
 from safe_scheduler import doctor
-from test_faults import LEAKY_THREAD_PLUGIN, MARGIN, assert_no_orphans
+from test_faults import LEAKY_THREAD_PLUGIN, MARGIN, assert_no_orphans, started_stock
 
 pytestmark = pytest.mark.all_versions
 
@@ -87,9 +87,7 @@ def test_patched_stock_scheduler_exits_where_unpatched_hangs(deployment, postgre
     copy = _pristine_copy(tmp_path)
     assert _patch(_fitting_patch(), copy).returncode == 0
     deployment.add_plugin("leaky_thread", LEAKY_THREAD_PLUGIN)
-    scheduler = deployment.scheduler(stock=True, PYTHONPATH=str(copy),
-                                     AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT="10")
-    scheduler.wait_healthy()
+    scheduler = started_stock(deployment, PYTHONPATH=str(copy), AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT="10")
     wait_for(lambda: scheduler.listening_on(deployment.log_port), 60, message="serve-logs to listen")
 
     postgres.stop("immediate")
