@@ -81,14 +81,9 @@ class Bench:
             {"stop": lambda: server.stop("immediate"), "freeze": server.freeze,
              "sigterm": lambda: scheduler.signal(signal.SIGTERM),
              "sigkill": lambda: scheduler.signal(signal.SIGKILL)}[fault]()
-            code = scheduler.wait_exit(limit)
-            # "Gone" is the whole tree: the scheduler and every process it forked.
-            while scheduler.survivors() and time.monotonic() - started < limit:
-                time.sleep(0.05)
-            took = time.monotonic() - started
-            gone = code is not None and not scheduler.survivors()
+            code, seconds = _gone(scheduler, started, limit)
             orphans = len(scheduler.survivors()) if code is not None else None
-            return {"seconds": took if gone else None, "code": code, "orphans": orphans}
+            return {"seconds": seconds, "code": code, "orphans": orphans}
         finally:
             dep.cleanup()
             server.destroy()
@@ -113,13 +108,9 @@ class Bench:
                 server.stop("immediate")
             else:
                 scheduler.signal(signal.SIGTERM)
-            code = scheduler.wait_exit(limit)
-            while scheduler.survivors() and time.monotonic() - started < limit:
-                time.sleep(0.05)
-            took = time.monotonic() - started
-            gone = code is not None and not scheduler.survivors()
+            code, seconds = _gone(scheduler, started, limit)
             cancelled = sum(1 for state in service.jobs.values() if state == "cancelled")
-            return {"seconds": took if gone else None, "code": code, "cancelled": cancelled, "jobs": tasks}
+            return {"seconds": seconds, "code": code, "cancelled": cancelled, "jobs": tasks}
         finally:
             dep.cleanup()
             service.close()
@@ -199,6 +190,16 @@ class Bench:
         finally:
             dep.cleanup()
             server.destroy()
+
+
+def _gone(scheduler, started: float, limit: float) -> tuple[int | None, float | None]:
+    """Exit code, and seconds from ``started`` until the whole tree (the scheduler and every process
+    it forked) is gone; None for the seconds if that did not happen within ``limit``."""
+    code = scheduler.wait_exit(limit)
+    while scheduler.survivors() and time.monotonic() - started < limit:
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    return code, (took if code is not None and not scheduler.survivors() else None)
 
 
 def _ours(pid: int) -> list[float]:

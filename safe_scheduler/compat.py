@@ -139,8 +139,10 @@ def conf_get(section: str, key: str, default: str) -> str:
 
 
 def health_check_enabled() -> bool:
-    """``[scheduler] enable_health_check`` (off by default, in every release)."""
-    return conf_get("scheduler", "enable_health_check", "False").strip().lower() in ("true", "t", "1")
+    """``[scheduler] enable_health_check`` (off by default; every supported release has the key)."""
+    from airflow.configuration import conf
+
+    return conf.getboolean("scheduler", "enable_health_check")
 
 
 def health_check_address() -> tuple[str, int]:

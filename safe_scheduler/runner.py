@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import threading
 import time
 from typing import Any
 
@@ -120,12 +119,7 @@ def _end_within_deadline(shutdown: Shutdown, tasks: taskstop.TaskStop, end: Any,
                 result["error"] = exc
 
         budget = max(0.0, shutdown.remaining() - reserve)
-        if threading.current_thread() is threading.main_thread():
-            finished = output.bounded(budget, call)
-        else:
-            call()
-            finished = True
-        if not finished:
+        if not output.bounded(budget, call):
             output.in_background(
                 log.warning, "executor.end() did not return within %.1fs; going on without it", budget
             )

@@ -113,10 +113,6 @@ class Shutdown:
         self.on_begin: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
 
-    @property
-    def started(self) -> bool:
-        return self.started_at is not None
-
     def begin(self, reason: str, cause: Cause | None = None) -> None:
         """Start the shutdown (the first call arms the deadline) and name its cause (the first wins).
 
