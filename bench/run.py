@@ -1,5 +1,6 @@
-"""Benchmark: how fast a broken scheduler gets out of the way, and what the safety costs a healthy
-one — stock ``airflow scheduler`` and ``airflow-safe-scheduler`` side by side, in the same run,
+"""Benchmark: how fast a broken scheduler (triggerer, dag-processor) gets out of the way, and what the
+safety costs a healthy one — stock ``airflow scheduler`` and ``airflow-safe-scheduler`` (and the
+triggerer's and dag-processor's pairs, for fault to exit) side by side, in the same run,
 against real PostgreSQL servers. Reports medians, maxima and safe/stock ratios, never a single
 absolute time (this machine is noisy). Writes ``bench/results/latest.md`` and ``latest.png``.
 
@@ -35,6 +36,7 @@ import pg  # noqa: E402
 from conftest import PYTHON, Deployment, base_env  # noqa: E402
 from procs import stop, threads_of, wait_for  # noqa: E402
 from jobservice import JobService  # noqa: E402
+from test_components import heartbeating, prepare  # noqa: E402
 from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN  # noqa: E402
 from test_running_tasks import write_dag  # noqa: E402
 
@@ -49,6 +51,9 @@ SCENARIOS = {
     "DB frozen (SIGSTOP)": (None, "freeze"),
     "SIGKILL": (None, "sigkill"),
 }
+
+
+COMPONENTS = ("scheduler", "triggerer", "dag-processor")
 
 
 class Bench:
@@ -68,15 +73,21 @@ class Bench:
 
     # -- fault to exit -------------------------------------------------------------------------
 
-    def fault_to_exit(self, name: str, stock: bool, limit: float) -> dict:
+    def fault_to_exit(self, name: str, stock: bool, limit: float, component: str = "scheduler") -> dict:
         plugin, fault = SCENARIOS[name]
         dep, server = self.deployment()
         try:
-            if plugin:
+            if plugin:  # a listener's thread, atexit handler or hang: it fires for every job type
                 dep.add_plugin("bench_plugin", plugin)
-            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
-            scheduler.wait_healthy()
-            wait_for(lambda: len(scheduler.descendants_named("worker")) >= 4, 60, message="workers")
+            args = [] if stock else SAFE_ARGS
+            if component == "scheduler":
+                scheduler = dep.scheduler(*args, stock=stock)
+                scheduler.wait_healthy()
+                wait_for(lambda: len(scheduler.descendants_named("worker")) >= 4, 60, message="workers")
+            else:
+                prepare(dep, component)
+                scheduler = dep.component(component, *args, stock=stock)
+                wait_for(heartbeating(server, scheduler, component), 120, interval=0.5, message="a heartbeat")
             started = time.monotonic()
             {"stop": lambda: server.stop("immediate"), "freeze": server.freeze,
              "sigterm": lambda: scheduler.signal(signal.SIGTERM),
@@ -261,7 +272,11 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
     if faults:
         lines += [
             "",
-            "## Fault to exit (seconds until the scheduler and every process it forked are gone)",
+            "## Fault to exit (seconds until the process and every process it forked are gone)",
+            "",
+            "Rows without a prefix are the scheduler; `triggerer:` and `dag-processor:` rows compare stock "
+            "`airflow triggerer` / `airflow dag-processor` with `airflow-safe-triggerer` / "
+            "`airflow-safe-dag-processor` (same flags).",
             "",
             "| scenario | stock median | stock max | stock exit codes | stock orphans | safe median | safe max | "
             "safe exit codes | safe orphans |",
@@ -309,7 +324,7 @@ def chart(faults: dict, limit: float, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(faults)
-    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=80)
+    fig, ax = plt.subplots(figsize=(max(9, 0.75 * len(names)), 4.8), dpi=80)
     for offset, kind, color in ((-0.2, "stock", "#c0504d"), (0.2, "safe", "#4f81bd")):
         for i, name in enumerate(names):
             secs = [r["seconds"] for r in faults[name][kind]]
@@ -318,9 +333,9 @@ def chart(faults: dict, limit: float, out: Path) -> None:
             ax.bar(i + offset, value, width=0.38, color=color, hatch="//" if never else None,
                    label=kind if i == 0 else None)
             ax.text(i + offset, value, "never" if never else f"{value:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ") for n in names], fontsize=8)
+    ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ").replace(": ", ":\n") for n in names], fontsize=7)
     ax.set_ylabel("seconds from fault to process tree gone (median)")
-    ax.set_title(f"Fault to exit: stock vs safe scheduler (hatched: still alive at {limit:g} s)")
+    ax.set_title(f"Fault to exit: stock vs safe (hatched: still alive at {limit:g} s)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "latest.png")
@@ -334,6 +349,8 @@ def main() -> int:
     parser.add_argument("--scenarios", nargs="*", choices=list(SCENARIOS), help="default: all")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead measures")
     parser.add_argument("--no-faults", action="store_true", help="skip the fault-to-exit scenarios")
+    parser.add_argument("--components", nargs="*", choices=COMPONENTS, default=list(COMPONENTS),
+                        help="whose fault to exit to measure (default: all three)")
     parser.add_argument("--tasks", type=int, nargs="*", default=None,
                         help="stop with N tasks running, for each N (default 1 16; quick: 1; none: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -348,13 +365,15 @@ def main() -> int:
     try:
         bench = Bench(root)
         faults: dict = {}
-        for name in [] if args.no_faults else (args.scenarios or SCENARIOS):
-            faults[name] = {"stock": [], "safe": []}
-            for rep in range(args.reps):
-                for kind in ("stock", "safe"):  # interleaved, so drift hits both alike
-                    result = bench.fault_to_exit(name, kind == "stock", args.limit)
-                    faults[name][kind].append(result)
-                    print(f"{name} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
+        for component in [] if args.no_faults else args.components:
+            for scenario in args.scenarios or SCENARIOS:
+                name = scenario if component == "scheduler" else f"{component}: {scenario}"
+                faults[name] = {"stock": [], "safe": []}
+                for rep in range(args.reps):
+                    for kind in ("stock", "safe"):  # interleaved, so drift hits both alike
+                        result = bench.fault_to_exit(scenario, kind == "stock", args.limit, component)
+                        faults[name][kind].append(result)
+                        print(f"{name} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
         stops: dict = {}
         for tasks in args.tasks if args.tasks is not None else ([1] if args.quick else [1, 16]):
             for fault, label in (("stop", "DB stopped"), ("sigterm", "SIGTERM")):

@@ -23,19 +23,23 @@ AIRFLOW_VERSION = Version(airflow.__version__)
 AIRFLOW_3 = AIRFLOW_VERSION >= Version("3.0.0")
 
 
-def scheduler_cli_command() -> Any:
-    """The ``ActionCommand`` definition of the installed Airflow's ``scheduler`` command."""
+def cli_command(name: str = "scheduler") -> Any:
+    """The ``ActionCommand`` definition of the installed Airflow's ``airflow <name>`` command."""
     from airflow.cli import cli_config
 
     for command in cli_config.core_commands:
-        if command.name == "scheduler":
+        if command.name == name:
             return command
-    raise RuntimeError("the installed Airflow has no 'scheduler' command")
+    raise RuntimeError(f"the installed Airflow has no '{name}' command")
 
 
-def add_airflow_args(parser: argparse.ArgumentParser) -> None:
-    """Add the installed ``airflow scheduler`` flags to ``parser``, in Airflow's order (sorted)."""
-    args = sorted(scheduler_cli_command().args, key=lambda a: (a.flags[-1].lstrip("-").lower()))
+def scheduler_cli_command() -> Any:
+    return cli_command("scheduler")
+
+
+def add_airflow_args(parser: argparse.ArgumentParser, name: str = "scheduler") -> None:
+    """Add the installed ``airflow <name>`` flags to ``parser``, in Airflow's order (sorted)."""
+    args = sorted(cli_command(name).args, key=lambda a: (a.flags[-1].lstrip("-").lower()))
     for arg in args:
         kwargs = dict(arg.kwargs)
         if "help" in kwargs and kwargs["help"] is not None:
@@ -66,20 +70,22 @@ def with_providers_configuration(func: Callable[[], Any]) -> Callable[[], Any]:
     return providers_configuration_loaded(func)
 
 
-def run_with_daemon_option(args: argparse.Namespace, callback: Callable[[], None]) -> None:
-    """Run ``callback`` in this process or daemonised, exactly as ``airflow scheduler`` does."""
+def run_with_daemon_option(
+    args: argparse.Namespace, callback: Callable[[], None], process_name: str = "scheduler"
+) -> None:
+    """Run ``callback`` in this process or daemonised, exactly as ``airflow <process_name>`` does."""
     try:
         from airflow.cli.commands.daemon_utils import run_command_with_daemon_option
     except ImportError:
-        _run_with_daemon_option_inline(args, callback)
+        _run_with_daemon_option_inline(args, callback, process_name)
         return
     run_command_with_daemon_option(
-        args=args, process_name="scheduler", callback=callback, should_setup_logging=True
+        args=args, process_name=process_name, callback=callback, should_setup_logging=True
     )
 
 
-def _run_with_daemon_option_inline(args: argparse.Namespace, callback: Callable[[], None]) -> None:
-    """What ``airflow scheduler`` did itself before ``daemon_utils`` existed (2.6, 2.7)."""
+def _run_with_daemon_option_inline(args: argparse.Namespace, callback: Callable[[], None], process_name: str) -> None:
+    """What each ``airflow`` command did itself before ``daemon_utils`` existed (2.6, 2.7)."""
     import signal
 
     from airflow import settings as airflow_settings
@@ -95,7 +101,7 @@ def _run_with_daemon_option_inline(args: argparse.Namespace, callback: Callable[
     import daemon
     from daemon.pidfile import TimeoutPIDLockFile
 
-    pid, stdout, stderr, log_file = setup_locations("scheduler", args.pid, args.stdout, args.stderr, args.log_file)
+    pid, stdout, stderr, log_file = setup_locations(process_name, args.pid, args.stdout, args.stderr, args.log_file)
     handle = setup_logging(log_file)
     with open(stdout, "a") as stdout_handle, open(stderr, "a") as stderr_handle:
         stdout_handle.truncate(0)
@@ -156,14 +162,15 @@ def log_server_port() -> int:
     return int(conf_get("logging", "worker_log_server_port", "8793"))
 
 
-def set_mp_start_method() -> None:
+def set_mp_start_method(component: str) -> None:
+    """Apply ``[core] mp_start_method`` and the component's own override (3.3+), as its command does."""
     from airflow.utils import process_utils
 
     if hasattr(process_utils, "set_component_mp_start_method"):
-        process_utils.set_component_mp_start_method("scheduler")
+        process_utils.set_component_mp_start_method(component.replace("-", "_"))
 
 
-def new_job_runner(args: argparse.Namespace) -> Any:
+def new_scheduler_runner(args: argparse.Namespace) -> Any:
     """A ``SchedulerJobRunner`` set up as the installed ``airflow scheduler`` command sets it up."""
     from airflow.jobs.job import Job
     from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
@@ -246,10 +253,121 @@ def serves_logs() -> bool:
     )
 
 
-def serve_logs_target() -> Callable[[], None]:
+def serve_logs_target(port: int | None = None) -> Callable[[], None]:
+    """serve-logs on ``port``, or on ``[logging] worker_log_server_port`` (the scheduler's)."""
+    import functools
+
     from airflow.utils.serve_logs import serve_logs
 
-    return serve_logs
+    return serve_logs if port is None else functools.partial(serve_logs, port=port)
+
+
+def trigger_log_server_port() -> int:
+    """``[logging] trigger_log_server_port``, where the triggerer serves its trigger logs."""
+    from airflow.configuration import conf
+
+    return conf.getint("logging", "trigger_log_server_port", fallback=8794)
+
+
+def check_triggerer_args(args: argparse.Namespace) -> None:
+    """What ``airflow triggerer`` refuses from its flags and config (3.x: ``--queues``, ``--team-name``;
+    a team that does not exist fails its job as in stock)."""
+    from airflow.configuration import conf
+
+    from safe_scheduler.settings import UsageError
+
+    if getattr(args, "queues", None) and not conf.getboolean("triggerer", "queues_enabled", fallback=False):
+        raise UsageError("--queues option may only be used when [triggerer] queues_enabled is True")
+    if getattr(args, "team_name", None) and not conf.getboolean("core", "multi_team", fallback=False):
+        raise UsageError("--team-name option may only be used when [core] multi_team is enabled")
+
+
+def prepare_triggerer(args: argparse.Namespace) -> None:
+    """Secrets masking in the triggerer's logs, as ``airflow triggerer`` turns it on."""
+    try:
+        from airflow.sdk._shared.secrets_masker import SecretsMasker  # 3.x
+
+        SecretsMasker.enable_log_masking()
+    except ImportError:
+        from airflow import settings as airflow_settings
+
+        airflow_settings.MASK_SECRETS_IN_LOGS = True
+
+
+def new_triggerer_runner(args: argparse.Namespace) -> Any:
+    """A ``TriggererJobRunner`` set up as the installed ``airflow triggerer`` sets it up."""
+    import inspect
+
+    from airflow.configuration import conf
+    from airflow.jobs.job import Job
+    from airflow.jobs.triggerer_job_runner import TriggererJobRunner
+
+    kwargs: dict[str, Any] = {
+        "job": Job(heartrate=conf.getfloat("triggerer", "JOB_HEARTBEAT_SEC")),
+        "capacity": args.capacity,
+    }
+    accepted = inspect.signature(TriggererJobRunner.__init__).parameters
+    if "queues" in accepted:  # 3.2+
+        kwargs["queues"] = set(args.queues) if getattr(args, "queues", None) else None
+    if "team_name" in accepted:
+        kwargs["team_name"] = getattr(args, "team_name", None)
+    return TriggererJobRunner(**kwargs)
+
+
+def check_dag_processor_args(args: argparse.Namespace) -> None:
+    """What ``airflow dag-processor`` refuses: on 2.x it runs only standalone, and not on SQLite."""
+    from airflow.configuration import conf
+
+    from safe_scheduler.settings import UsageError
+
+    if AIRFLOW_3:
+        if getattr(args, "bundle_name", None):
+            from airflow.utils.cli import validate_dag_bundle_arg
+
+            try:
+                validate_dag_bundle_arg(args.bundle_name)
+            except SystemExit as exc:
+                raise UsageError(str(exc.code)) from None
+        return
+    if not conf.getboolean("scheduler", "standalone_dag_processor"):
+        raise UsageError("the dag-processor runs only with [scheduler] standalone_dag_processor = True")
+    if conf.get("database", "sql_alchemy_conn").lower().startswith("sqlite"):
+        raise UsageError("a standalone dag-processor is not supported with SQLite")
+
+
+def prepare_dag_processor(args: argparse.Namespace) -> None:
+    """2.10+: ``airflow dag-processor`` reloads its logging and DB settings before it runs."""
+    try:
+        from airflow.dag_processing.manager import reload_configuration_for_dag_processing
+    except ImportError:
+        return
+    reload_configuration_for_dag_processing()
+
+
+def new_dag_processor_runner(args: argparse.Namespace) -> Any:
+    """A ``DagProcessorJobRunner`` set up as the installed ``airflow dag-processor`` sets it up."""
+    from airflow.dag_processing.manager import DagFileProcessorManager
+    from airflow.jobs.dag_processor_job_runner import DagProcessorJobRunner
+    from airflow.jobs.job import Job
+
+    if AIRFLOW_3:
+        manager = DagFileProcessorManager(max_runs=args.num_runs, bundle_names_to_parse=args.bundle_name)
+    else:
+        # 2.x's manager calls multiprocessing.connection.wait() without importing the module: with
+        # no parsing process started yet (an empty DAG folder) stock crashes at its first loop.
+        import multiprocessing.connection  # noqa: F401
+        from datetime import timedelta
+
+        from airflow.configuration import conf
+
+        manager = DagFileProcessorManager(
+            processor_timeout=timedelta(seconds=conf.getint("core", "dag_file_processor_timeout")),
+            dag_directory=args.subdir,
+            max_runs=args.num_runs,
+            dag_ids=[],
+            pickle_dags=args.do_pickle,
+        )
+    return DagProcessorJobRunner(job=Job(), processor=manager)
 
 
 def health_check_target() -> Callable[[], None]:
@@ -286,16 +404,22 @@ def metadata_engine() -> Any:
 def on_heartbeat(job_runner: Any, callback: Callable[[], None]) -> None:
     """Call ``callback`` after each *successful* job heartbeat, in the thread that heartbeats.
 
-    Airflow calls the runner's ``heartbeat_callback`` only once the heartbeat row is committed.
+    Every job heartbeats through ``Job.heartbeat(heartbeat_callback)``, which calls that callback
+    only once the heartbeat row is committed; who calls it differs (the 3.x triggerer heartbeats
+    from its runner supervisor, not its job runner), so the hook sits on the job itself.
     """
-    original = job_runner.heartbeat_callback
+    job = job_runner.job
+    original = job.heartbeat
 
-    def heartbeat_callback(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        callback()
-        return result
+    def heartbeat(heartbeat_callback: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def on_recorded(*cb_args: Any, **cb_kwargs: Any) -> Any:
+            result = heartbeat_callback(*cb_args, **cb_kwargs)
+            callback()
+            return result
 
-    job_runner.heartbeat_callback = heartbeat_callback
+        return original(on_recorded, *args, **kwargs)
+
+    job.heartbeat = heartbeat
 
 
 def stock_scheduler_leaks_children_on_error() -> bool:

@@ -27,15 +27,19 @@ def site_packages() -> Path:
 
 
 def zombie_paths() -> dict[str, bool]:
-    """Each known path to a scheduler that is dead but never exits: True where it is present."""
-    from airflow.cli.commands import scheduler_command
+    """Each known path to a scheduler or triggerer that is dead but never exits: True where present."""
+    from airflow.cli.commands import scheduler_command, triggerer_command
 
     source = inspect.getsource(scheduler_command)
     serve_logs = inspect.getsource(scheduler_command._serve_logs)
+    triggerer = inspect.getsource(triggerer_command)
+    trigger_logs = inspect.getsource(triggerer_command._serve_logs)
     return {
-        "children stopped only after a clean exit, not in try/finally (#32706)": "finally" not in serve_logs,
-        "children only terminate()d: no timeout, no kill of their process tree": "_stop_child" not in serve_logs,
-        "no bound on the exit once the scheduler has ended": "dump_traceback_later" not in source,
+        "scheduler: children stopped only after a clean exit, not in try/finally (#32706)": "finally" not in serve_logs,
+        "scheduler: children only terminate()d: no timeout, no kill of their process tree": "_stop_child" not in serve_logs,
+        "scheduler: no bound on the exit once the job has ended": "dump_traceback_later" not in source,
+        "triggerer: serve-logs only terminate()d: no timeout, no kill of its process tree": "_stop_child" not in trigger_logs,
+        "triggerer: no bound on the exit once the job has ended": "_bound_exit" not in triggerer,
     }
 
 

@@ -1,7 +1,9 @@
 """Our metrics, sent through Airflow's own Stats (statsd or OpenTelemetry, as the user configured).
 
-Names are ``safe_scheduler.<name>`` under the user's ``[metrics]`` prefix. Emitting a metric must
-never be the thing that breaks a shutdown, so every call swallows its own errors.
+Names are ``safe_<component>.<name>`` under the user's ``[metrics]`` prefix (``safe_scheduler.stalls``,
+``safe_triggerer.stalls``, ``safe_dag_processor.stalls``), so that a dashboard tells the three apart.
+Emitting a metric must never be the thing that breaks a shutdown, so every call swallows its own
+errors.
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ import logging
 log = logging.getLogger("safe_scheduler.metrics")
 
 PREFIX = "safe_scheduler."
+
+
+def use_component(name: str) -> None:
+    """Name every metric from now on after ``name`` ("dag-processor" -> ``safe_dag_processor.``)."""
+    global PREFIX
+    PREFIX = "safe_" + name.replace("-", "_") + "."
 
 
 def _emit(kind: str, name: str, value: float) -> None:

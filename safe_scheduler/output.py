@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,18 +55,27 @@ def say(text: str, seconds: float = SAY_GRACE) -> bool:
     return bounded(seconds, _write_all, 2, text.encode(errors="replace"))
 
 
+def flush_handlers() -> None:
+    """Flush every root handler and the std streams; wait for queued records to be written.
+
+    Airflow 2's triggerer logs through a ``QueueHandler``: its records are written later by a
+    listener thread, so an ``os._exit`` right after a log call would drop them (the forced-exit
+    stack dump among them). Call it bounded (``flush_logs``): with no listener, it waits forever.
+    """
+    for handler in logging.getLogger().handlers:
+        queue = getattr(handler, "queue", None) if isinstance(handler, logging.handlers.QueueHandler) else None
+        while queue is not None and (getattr(queue, "unfinished_tasks", 0) or not queue.empty()):
+            time.sleep(0.01)
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def flush_logs(seconds: float = SAY_GRACE) -> bool:
-    """Flush every root handler and the std streams, for at most ``seconds`` in all."""
-
-    def flush() -> None:
-        for handler in logging.getLogger().handlers:
-            with contextlib.suppress(Exception):
-                handler.flush()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-
-    return bounded(seconds, flush)
+    """``flush_handlers`` for at most ``seconds`` in all."""
+    return bounded(seconds, flush_handlers)
 
 
 def nonblocking_stderr() -> int:

@@ -33,8 +33,8 @@ def check_port_free(host: str, port: int, what: str) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise UsageError(
-                    f"port {port} ({what}) is already in use; is another scheduler or "
-                    "log server still running on this host?"
+                    f"port {port} ({what}) is already in use; is another scheduler, triggerer "
+                    "or log server still running on this host?"
                 ) from None
             raise UsageError(f"cannot bind port {port} ({what}): {exc.strerror}") from None
 

@@ -1,6 +1,8 @@
-"""Our ``_run_scheduler_job``: the same job, with a shutdown that always ends.
+"""Run one component's job (scheduler, triggerer, dag-processor) with a shutdown that always ends.
 
-Read top to bottom, as gunicorn's arbiter: set up the watchers; run the job with its servers; on
+This module knows nothing of which component runs: the ``Component`` names the job runner, its
+servers and its executors. Read top to bottom, as gunicorn's arbiter: set up the watchers; run the
+job with its servers; on
 any way out (return, exception, signal, stall) the shutdown's one deadline starts, running tasks
 are stopped with time for their cleanup (``taskstop``), the executor is ended within what is
 left, the servers are stopped together, whatever else is still below us is swept, and the exit
@@ -15,7 +17,8 @@ import logging
 import time
 from typing import Any
 
-from safe_scheduler import children, compat, dbtimeouts, forkhook, output, signals, systemd, taskstop, tree
+from safe_scheduler import children, compat, dbtimeouts, forkhook, metrics, output, signals, systemd, taskstop, tree
+from safe_scheduler.component import Component
 from safe_scheduler.settings import Settings
 from safe_scheduler.shutdown import Cause, Shutdown
 from safe_scheduler.stall import StallWatchdog
@@ -23,13 +26,14 @@ from safe_scheduler.stall import StallWatchdog
 log = logging.getLogger("safe_scheduler.runner")
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the scheduler in this process; return its exit code once every child is gone."""
+def run(component: Component, args: argparse.Namespace, settings: Settings) -> int:
+    """Run the component's job in this process; return its exit code once every child is gone."""
     started = time.monotonic()
-    shutdown = Shutdown(settings.shutdown_timeout, name="scheduler")
+    metrics.use_component(component.name)
+    shutdown = Shutdown(settings.shutdown_timeout, name=component.name)
     notifier = systemd.Notifier()
     stall = StallWatchdog(
-        settings.stall_timeout, name="scheduler",
+        settings.stall_timeout, name=component.name,
         on_stall=lambda why: shutdown.begin(f"stalled: {why}", Cause.STALLED),
     )
     shutdown.on_begin += [notifier.stopping, stall.stop]
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         dbtimeouts.apply(compat.metadata_engine())
 
     try:
-        _run_job(args, settings, shutdown, stall, notifier)
+        _run_job(component, args, settings, shutdown, stall, notifier)
     except BaseException as exc:  # noqa: BLE001 - every way out must reach the sweep below
         shutdown.run_ended(exc)
     else:
@@ -56,11 +60,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_job(
-    args: argparse.Namespace, settings: Settings, shutdown: Shutdown, stall: StallWatchdog,
-    notifier: systemd.Notifier,
+    component: Component, args: argparse.Namespace, settings: Settings, shutdown: Shutdown,
+    stall: StallWatchdog, notifier: systemd.Notifier,
 ) -> None:
-    compat.set_mp_start_method()
-    job_runner = compat.new_job_runner(args)
+    compat.set_mp_start_method(component.name)
+    component.prepare(args)
+    job_runner = component.new_job_runner(args)
 
     running: list[children.Servers] = []
 
@@ -71,7 +76,7 @@ def _run_job(
             servers.restart_due()
 
     compat.on_heartbeat(job_runner, heartbeat)
-    executors = compat.executors(job_runner)
+    executors = component.executors(job_runner)
     # What comes after the tasks must still fit: the servers' stop, and the kill of what is left.
     after_tasks = settings.child_stop_timeout + tree.KILL_RESERVE
     tasks = taskstop.TaskStop(
@@ -84,18 +89,14 @@ def _run_job(
     for executor in executors:
         executor.end = _end_within_deadline(shutdown, tasks, executor.end, after_tasks)
 
-    servers = []
-    if not args.skip_serve_logs and compat.serves_logs():
-        servers.append(("serve-logs", compat.serve_logs_target()))
-    if compat.health_check_enabled():
-        servers.append(("health-check", compat.health_check_target()))
+    servers = [(server.name, server.target) for server in component.servers(args)]
     with children.running(servers, settings.child_stop_timeout, shutdown.remaining) as started:
         running.append(started)
         try:
             stall.start()
             compat.run_job(job_runner)
         finally:
-            shutdown.begin("scheduler run ended")
+            shutdown.begin(f"{component.name} run ended")
             signals.hold(shutdown.remaining)
 
 

@@ -69,7 +69,10 @@ def _boolean(raw: object, name: str) -> bool:
     raise UsageError(f"{name} must be True or False, got {raw!r}")
 
 
-def load(cli_overrides: dict[str, str | None], conf) -> Settings:
+def load(
+    cli_overrides: dict[str, str | None], conf,
+    health_threshold: tuple[str, str] = ("scheduler", "scheduler_health_check_threshold"),
+) -> Settings:
     """Merge ``[safe_scheduler]`` from Airflow's ``conf`` with CLI overrides and validate.
 
     ``conf`` is Airflow's config object (passed in so this module stays importable without Airflow,
@@ -86,9 +89,10 @@ def load(cli_overrides: dict[str, str | None], conf) -> Settings:
             name = f"[{SECTION}] {key}"
         if key == "task_cleanup_timeout" and raw is None:
             continue  # derived below, from what the other timeouts leave
-        if raw is None:  # stall_timeout: derived from Airflow's own notion of "unhealthy"
-            threshold = conf.get("scheduler", "scheduler_health_check_threshold", fallback=30)
-            raw = STALL_FACTOR * _seconds(threshold, "[scheduler] scheduler_health_check_threshold", allow_zero=False)
+        if raw is None:  # stall_timeout: derived from Airflow's own notion of "unhealthy" for this job
+            section, option = health_threshold
+            threshold = conf.get(section, option, fallback=30)
+            raw = STALL_FACTOR * _seconds(threshold, f"[{section}] {option}", allow_zero=False)
         values[key] = _seconds(raw, name, allow_zero=(key != "shutdown_timeout"))
     if values["child_stop_timeout"] > values["shutdown_timeout"]:
         raise UsageError(

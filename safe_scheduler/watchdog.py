@@ -78,5 +78,4 @@ def _report(code: int, why: str, kind: str, killed: int) -> None:
     log.error("Thread stacks at forced exit:\n%s", format_all_stacks())
     metrics.incr(f"forced_exits.{kind}")
     metrics.incr("children_killed", killed)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    output.flush_handlers()

@@ -96,12 +96,14 @@ class Deployment:
             (home / sub).mkdir(parents=True, exist_ok=True)
         self.health_port = pg.free_port()
         self.log_port = pg.free_port()
+        self.trigger_log_port = pg.free_port()
         self.env = base_env(home)
         self.env.update(
             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=db_url,
             AIRFLOW__CORE__EXECUTOR="LocalExecutor",
             AIRFLOW__CORE__PARALLELISM="4",
             AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(self.log_port),
+            AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(self.trigger_log_port),
             # Only keys every supported release has: the health server's host is not one (2.6 binds
             # 0.0.0.0 and has no setting), and a test that sets it would hide a crash on 2.6.
             AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK="True",
@@ -123,6 +125,14 @@ class Deployment:
         proc = SchedulerProcess(cmd, dict(self.env, **env), log, self.health_port)
         self.started.append(proc)
         return proc.start(output)
+
+    def component(self, name: str, *args: str, stock: bool = False, **env: str) -> SchedulerProcess:
+        """Start ``airflow-safe-<name>`` (its console script), or stock ``airflow <name>``."""
+        cmd = [PYTHON, "-m", "airflow", name] if stock else [str(Path(PYTHON).parent / f"airflow-safe-{name}")]
+        log = self.home / f"{name}-{len(self.started)}.log"
+        proc = SchedulerProcess(cmd + list(args), dict(self.env, **env), log, 0)
+        self.started.append(proc)
+        return proc.start()
 
     def airflow(self, *args: str) -> SchedulerProcess:
         """Start another Airflow command here (``dag-processor``, ``api-server``), logged to

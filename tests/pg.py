@@ -6,6 +6,7 @@ of one data directory that was initialised and migrated once per test run.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -108,12 +109,14 @@ class PgServer:
 
     def freeze(self) -> None:
         """SIGSTOP every server process: a DB that accepts connections and never answers."""
-        for proc in self.processes():
-            proc.send_signal(signal.SIGSTOP)
+        for proc in self.processes():  # the postmaster first: it forks no new backend after that
+            with contextlib.suppress(psutil.NoSuchProcess):  # a backend that was just exiting
+                proc.send_signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
         for proc in self.processes():
-            proc.send_signal(signal.SIGCONT)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
 
     def execute(self, sql: str) -> list[tuple]:
         import psycopg2

@@ -7,10 +7,11 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import SAFE, STOCK, Deployment, base_env
+from conftest import PYTHON, SAFE, STOCK, Deployment, base_env
 from safe_scheduler import compat
 
 pytestmark = pytest.mark.all_versions
@@ -47,12 +48,64 @@ def test_flags_match_installed_airflow_scheduler(home):
     assert our_flags - stock_flags == OUR_FLAGS
 
 
-def _refused(result) -> str:
+def _refused(result, prog: str = "airflow-safe-scheduler") -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("airflow-safe-scheduler: error: ")
+    assert lines[0].startswith(f"{prog}: error: ")
     return lines[0]
+
+
+def _safe(name: str) -> list[str]:
+    """The console script pip installed for ``airflow-safe-<name>``."""
+    return [str(Path(PYTHON).parent / f"airflow-safe-{name}")]
+
+
+@pytest.mark.parametrize("name", ["triggerer", "dag-processor"])
+def test_component_flags_match_installed_airflow(home, name):
+    env = base_env(home)
+    stock = _run([PYTHON, "-m", "airflow", name, "--help"], env)
+    ours = _run(_safe(name) + ["--help"], env)
+    assert stock.returncode == 0 and ours.returncode == 0, stock.stderr + ours.stderr
+    stock_flags, our_flags = _flags(stock.stdout), _flags(ours.stdout)
+    assert "--daemon" in stock_flags  # the parse itself is sound
+    assert stock_flags <= our_flags, f"missing: {stock_flags - our_flags}"
+    # No executor, no tasks: the task drain and cleanup flags are the scheduler's only.
+    assert our_flags - stock_flags == OUR_FLAGS - {"--task-drain-timeout", "--task-cleanup-timeout"}
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "expect"),
+    [
+        ("triggerer", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        ("triggerer", ["--stall-timeout", "-1"], "--stall-timeout must be zero or more"),
+        ("dag-processor", ["--shutdown-timeout", "never"], "--shutdown-timeout must be a number"),
+        ("dag-processor", ["--num-runs", "oops"], "invalid int value"),
+    ],
+    ids=["triggerer-unknown-flag", "triggerer-bad-stall", "dag-processor-bad-timeout", "dag-processor-bad-num-runs"],
+)
+def test_component_bad_input_is_one_line_and_exit_2(home, name, args, expect):
+    assert expect in _refused(_run(_safe(name) + args, base_env(home)), f"airflow-safe-{name}")
+
+
+def test_triggerer_log_port_taken_is_refused(postgres, tmp_path):
+    deployment = Deployment(tmp_path / "airflow", postgres.url)
+    with socket.socket() as squatter:
+        squatter.bind(("", deployment.trigger_log_port))
+        squatter.listen()
+        line = _refused(_run(_safe("triggerer"), deployment.env), "airflow-safe-triggerer")
+    assert f"port {deployment.trigger_log_port}" in line and "trigger_log_server_port" in line
+
+
+def test_dag_processor_refuses_what_stock_refuses(postgres, tmp_path):
+    """2.x: not standalone -> refused as stock refuses it; 3.x: an unknown bundle."""
+    deployment = Deployment(tmp_path / "airflow", postgres.url)
+    if compat.AIRFLOW_3:
+        line = _refused(_run(_safe("dag-processor") + ["--bundle-name", "nope"], deployment.env), "airflow-safe-dag-processor")
+        assert "nope" in line
+    else:
+        line = _refused(_run(_safe("dag-processor"), deployment.env), "airflow-safe-dag-processor")
+        assert "standalone_dag_processor" in line
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import filecmp
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 from conftest import PYTHON
 from procs import wait_for
 from safe_scheduler import doctor
+from test_components import LEAKY_LOGGING
+from test_components import started as started_component
 from test_faults import LEAKY_THREAD_PLUGIN, MARGIN, assert_no_orphans, started_stock
 
 pytestmark = pytest.mark.all_versions
@@ -22,6 +25,8 @@ pytestmark = pytest.mark.all_versions
 REPO = Path(__file__).resolve().parent.parent
 PATCHES = REPO / "patches"
 SCHEDULER_COMMAND = Path("airflow", "cli", "commands", "scheduler_command.py")
+TRIGGERER_COMMAND = Path("airflow", "cli", "commands", "triggerer_command.py")
+PATCHED = (SCHEDULER_COMMAND, TRIGGERER_COMMAND)
 
 
 def _fitting_patch() -> Path:
@@ -48,21 +53,24 @@ def _patch(patch: Path, target: Path, *extra: str) -> subprocess.CompletedProces
 def test_patch_applies_cleanly_and_reverses(tmp_path):
     patch = _fitting_patch()
     copy = _pristine_copy(tmp_path)
-    original = tmp_path / "original.py"
-    shutil.copy(copy / SCHEDULER_COMMAND, original)
+    originals = {}
+    for path in PATCHED:
+        originals[path] = tmp_path / path.name
+        shutil.copy(copy / path, originals[path])
 
     dry = _patch(patch, copy, "--dry-run")
     assert dry.returncode == 0 and "FAILED" not in dry.stdout and "fuzz" not in dry.stdout, dry.stdout
     applied = _patch(patch, copy)
     assert applied.returncode == 0 and "fuzz" not in applied.stdout and "offset" not in applied.stdout, applied.stdout
-    compiled = subprocess.run([sys.executable, "-m", "py_compile", str(copy / SCHEDULER_COMMAND)],
-                              capture_output=True, text=True)
-    assert compiled.returncode == 0, compiled.stderr
-    assert not filecmp.cmp(original, copy / SCHEDULER_COMMAND, shallow=False)
+    for path in PATCHED:
+        compiled = subprocess.run([sys.executable, "-m", "py_compile", str(copy / path)], capture_output=True, text=True)
+        assert compiled.returncode == 0, compiled.stderr
+        assert not filecmp.cmp(originals[path], copy / path, shallow=False), f"{path} not patched"
 
     assert _patch(patch, copy, "-R", "--dry-run").returncode == 0
     assert _patch(patch, copy, "-R").returncode == 0
-    assert filecmp.cmp(original, copy / SCHEDULER_COMMAND, shallow=False)
+    for path in PATCHED:
+        assert filecmp.cmp(originals[path], copy / path, shallow=False)
 
 
 def test_doctor_reports_the_zombie_paths_and_the_fitting_patch(tmp_path):
@@ -97,3 +105,23 @@ def test_patched_stock_scheduler_exits_where_unpatched_hangs(deployment, postgre
     assert scheduler.exited_at - fault < 10 + MARGIN
     assert "most recent call first" in scheduler.log()  # faulthandler's stack dump at the deadline
     assert_no_orphans(scheduler)
+
+
+def test_patched_stock_triggerer_exits_where_unpatched_hangs(deployment, postgres, tmp_path):
+    """Stock ``airflow triggerer``, patched: DB stopped with a log-shipping handler's non-daemon
+    thread (which keeps every unpatched release alive, see test_components): it exits in time."""
+    copy = _pristine_copy(tmp_path)
+    assert _patch(_fitting_patch(), copy).returncode == 0
+    (deployment.home / "config" / "leaky_logging.py").write_text(textwrap.dedent(LEAKY_LOGGING))
+    triggerer = started_component(
+        deployment, postgres, "triggerer", stock=True, PYTHONPATH=str(copy),
+        AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT="10", AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS="leaky_logging.LOGGING_CONFIG",
+    )
+
+    postgres.stop("immediate")
+    fault = time.monotonic()
+    code = triggerer.wait_exit(10 + MARGIN + 20)
+    assert code not in (None, 0), triggerer.log()[-4000:]
+    assert triggerer.exited_at - fault < 10 + MARGIN
+    assert "most recent call first" in triggerer.log()  # faulthandler's stack dump at the deadline
+    assert_no_orphans(triggerer)

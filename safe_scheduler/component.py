@@ -1,0 +1,69 @@
+"""What the core needs to know about a job process, and nothing more.
+
+The core (``runner``, ``cli``, ``shutdown``, ``children``, ``tree``, the watchdogs) runs any
+``Component``; each one is a small module in ``components/`` that names its Airflow command, its
+job runner, its servers and its job type. Everything that differs between Airflow releases stays
+in ``compat``. A fourth component is one more file there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Server:
+    """A child process the job keeps for its whole run (serve-logs, a health check)."""
+
+    name: str
+    target: Callable[[], Any]
+    #: Where it binds, checked free before anything starts; ``key`` names the setting in the refusal.
+    host: str
+    port: int
+    key: str
+
+
+def _no_executors(job_runner: Any) -> list[Any]:
+    return []
+
+
+def _nothing(args: argparse.Namespace) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Component:
+    #: The ``airflow`` command it replaces ("scheduler", "triggerer", "dag-processor").
+    name: str
+    #: ``job.job_type`` in the metadata database.
+    job_type: str
+    #: Airflow's own "unhealthy after" setting for this job; the stall timeout defaults to twice it.
+    health_threshold: tuple[str, str]
+    #: A job runner built as the stock command builds it.
+    new_job_runner: Callable[[argparse.Namespace], Any]
+    #: The servers to run beside the job, for these flags and this config.
+    servers: Callable[[argparse.Namespace], list[Server]]
+    #: Refuse what the stock command refuses, as a ``UsageError`` (one line, exit 2); runs before
+    #: the database is checked, so it looks at flags and config only.
+    check: Callable[[argparse.Namespace], None] = _nothing
+    #: What the stock command does in-process before its job (secrets masking, config reloads).
+    prepare: Callable[[argparse.Namespace], None] = _nothing
+    #: The executors whose running tasks are stopped first on every way out (the scheduler's).
+    executors: Callable[[Any], list[Any]] = field(default=_no_executors)
+
+    @property
+    def runs_tasks(self) -> bool:
+        """Whether it has executors, whose tasks get the drain and cleanup time (flags, settings)."""
+        return self.executors is not _no_executors
+
+    @property
+    def prog(self) -> str:
+        return f"airflow-safe-{self.name}"
+
+    @property
+    def title(self) -> str:
+        """For log lines: "Scheduler failed", "Dag-processor stopped"."""
+        return self.name.capitalize()
