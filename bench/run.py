@@ -263,7 +263,8 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
     import airflow
 
     lines = [
-        "# Benchmark: stock `airflow scheduler` vs `airflow-safe-scheduler`",
+        "# Benchmark: stock Airflow vs `airflow-safe-scheduler`"
+        + ("" if set(args.components) == {"scheduler"} else " (and its triggerer and dag-processor)"),
         "",
         f"Airflow {airflow.__version__}, {os.cpu_count()} cores, {args.reps} repetition(s), "
         f"limit {args.limit:g} s. Safe scheduler flags: `{' '.join(SAFE_ARGS)}`. Command: "
