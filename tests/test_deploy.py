@@ -79,6 +79,8 @@ def test_overlay_args_and_env_run_the_safe_scheduler(deployment):
     deployment.started.append(pod)
     pod.wait_healthy()
     assert "airflow-safe-scheduler" in " ".join(psutil.Process(pod.pid).cmdline())  # bash exec'd it
+    # Not while LocalExecutor forks its workers: a SIGTERM then can be lost (README, Limits).
+    wait_for(lambda: len(pod.descendants_named("worker")) >= 4, 60, message="the executor's workers")
     pod.signal(signal.SIGTERM)
     assert pod.wait_exit(60) == 0, pod.log()[-4000:]
 
