@@ -151,14 +151,20 @@ class Bench:
             scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
             scheduler.wait_healthy()
             time.sleep(5)  # settle after start-up: this is a measurement window, not an assertion
-            proc = psutil.Process(scheduler.pid)
-            before, ours_before = sum(proc.cpu_times()[:2]), sum(_ours(scheduler.pid))
+            job = psutil.Process(scheduler.job_pid)
+            # Ours: the job process and the tiny parent above it (``reaper``); stock: the one process.
+            procs = [job] if stock else [job, psutil.Process(scheduler.pid)]
+            before, ours_before = _cpu(procs), sum(_ours(job.pid))
+            parent_before = 0.0 if stock else _cpu(procs[1:])
             time.sleep(seconds)
-            used, ours_now = sum(proc.cpu_times()[:2]) - before, _ours(scheduler.pid)
+            used, ours_now = _cpu(procs) - before, _ours(job.pid)
+            parent_used = 0.0 if stock else _cpu(procs[1:]) - parent_before
             if not stock and not ours_now:
                 raise RuntimeError("no safe-… threads found in the safe scheduler: cannot measure their CPU")
-            return {"rss_mb": proc.memory_info().rss / 2**20, "cpu_s_per_min": used * 60 / seconds,
-                    "ours_pct_core": (sum(ours_now) - ours_before) * 100 / seconds}
+            return {"rss_mb": sum(p.memory_info().rss for p in procs) / 2**20, "cpu_s_per_min": used * 60 / seconds,
+                    "ours_pct_core": (sum(ours_now) - ours_before) * 100 / seconds,
+                    "parent_rss_mb": 0.0 if stock else procs[1].memory_info().rss / 2**20,
+                    "parent_pct_core": parent_used * 100 / seconds}
         finally:
             dep.cleanup()
             server.destroy()
@@ -190,7 +196,7 @@ class Bench:
             scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
             scheduler.wait_healthy()
             count = "SELECT count(*) FROM task_instance WHERE state = 'success'"
-            proc = psutil.Process(scheduler.pid)
+            proc = psutil.Process(scheduler.job_pid)
             time.sleep(warmup)  # first DAG runs created; measurement starts in the steady state
             first, cpu = server.execute(count)[0][0], sum(proc.cpu_times()[:2])
             time.sleep(window)  # the measurement window
@@ -213,6 +219,10 @@ def _gone(scheduler, started: float, limit: float) -> tuple[int | None, float | 
     return code, (took if code is not None and not scheduler.survivors() else None)
 
 
+def _cpu(procs: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
 def _ours(pid: int) -> list[float]:
     """CPU seconds used so far by each of the scheduler's ``safe-…`` threads."""
     return [cpu for name, cpu in threads_of(pid).values() if name.startswith("safe-")]
@@ -233,6 +243,7 @@ LOAD_DAGS = """
 
 
 OURS = "idle CPU of our threads (% of a core)"
+PARENT_RSS = "idle RSS of our parent process alone (MB)"
 
 
 def _list(values: list[float]) -> str:
@@ -397,7 +408,9 @@ def main() -> int:
                     got = samples.setdefault(kind, {})
                     got.setdefault("startup to first heartbeat (s)", []).append(bench.startup(stock))
                     idle = bench.idle(stock, args.idle_window)
-                    got.setdefault("idle RSS of the scheduler process (MB)", []).append(idle["rss_mb"])
+                    got.setdefault("idle RSS, scheduler and its parent (MB)", []).append(idle["rss_mb"])
+                    got.setdefault(PARENT_RSS, []).append(idle["parent_rss_mb"])
+                    got.setdefault("idle CPU of the parent (% of a core)", []).append(idle["parent_pct_core"])
                     got.setdefault("idle CPU (s per minute)", []).append(idle["cpu_s_per_min"])
                     got.setdefault(OURS, []).append(idle["ours_pct_core"])
                     dags, tasks, warmup, window = (10, 5, 5, 20) if args.quick else (50, 20, 15, 60)

@@ -1,3 +1,3 @@
-from safe_scheduler.cli import main
+from safe_scheduler.entry import scheduler
 
-main()
+scheduler()

@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None, name: str = "scheduler") -> NoReturn:
         from safe_scheduler import doctor
 
         sys.exit(doctor.main(argv[1:]))
+    from safe_scheduler import reaper
+
+    try:
+        reaper.follow_parent()
+    except OSError as exc:
+        print(f"airflow-safe-{name}: warning: no death signal from the parent (prctl: {exc})", file=sys.stderr)
     prog = f"airflow-safe-{name}"
     try:
         # Deprecation warnings Airflow emits while we load it would bury the one line that says
@@ -186,15 +192,3 @@ def main(argv: list[str] | None = None, name: str = "scheduler") -> NoReturn:
             if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
                 print(f"{component.prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
     shutdown.leave(result.get("code", exitcodes.FAILED))
-
-
-def scheduler() -> NoReturn:
-    main(name="scheduler")
-
-
-def triggerer() -> NoReturn:
-    main(name="triggerer")
-
-
-def dag_processor() -> NoReturn:
-    main(name="dag-processor")

@@ -14,7 +14,8 @@ Two mechanisms, because neither is enough alone:
 Both are set up by an ``os.register_at_fork`` hook, so they reach only processes this interpreter
 forks itself (``os.fork``, multiprocessing's ``fork`` start method). Processes started by exec
 (``subprocess``, the ``spawn`` and ``forkserver`` start methods) run none of it; every exit path
-the job process lives through still stops them (``tree.stop``).
+the job process lives through still stops them (``tree.stop``), and the parent above the job
+(``reaper``) stops them once the job is gone, however it died.
 
 Every decision the hook makes in the child is made from state the child owns, never from state a
 before-fork hook wrote: CPython may release the GIL between the before-fork hooks and ``fork()``,

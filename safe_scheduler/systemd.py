@@ -11,6 +11,8 @@ import os
 import socket
 import time
 
+from safe_scheduler import reaper
+
 log = logging.getLogger("safe_scheduler.systemd")
 
 
@@ -51,7 +53,9 @@ class Notifier:
             return
         if not self._ready:
             self._ready = True
-            self.send(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=Scheduler heartbeating")
+            # Under our parent (``reaper``) the main PID stays the parent's: it outlives the job.
+            mainpid = "" if reaper.parent_pid else f"MAINPID={os.getpid()}\n"
+            self.send(f"READY=1\n{mainpid}STATUS=Heartbeating")
         now = time.monotonic()
         if self.watchdog_interval is not None and now - self._last_watchdog >= min(self.watchdog_interval, 1.0):
             self._last_watchdog = now

@@ -87,6 +87,11 @@ def postgres(pg_template: Path, test_root: Path):
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _reaped(stock: bool, args) -> bool:
+    """Whether our tiny parent runs above the job process (not for stock, not for ``-D``)."""
+    return not stock and not {"-D", "--daemon"} & set(args)
+
+
 class Deployment:
     """One AIRFLOW_HOME with its own ports and database, and the schedulers started in it."""
 
@@ -122,7 +127,7 @@ class Deployment:
         """Start a scheduler; its stdout and stderr go to a log file, or to ``output`` (a pipe's fd)."""
         cmd = (STOCK if stock else SAFE) + list(args)
         log = self.home / f"scheduler-{len(self.started)}.log"
-        proc = SchedulerProcess(cmd, dict(self.env, **env), log, self.health_port)
+        proc = SchedulerProcess(cmd, dict(self.env, **env), log, self.health_port, reaped=_reaped(stock, args))
         self.started.append(proc)
         return proc.start(output)
 
@@ -130,7 +135,7 @@ class Deployment:
         """Start ``airflow-safe-<name>`` (its console script), or stock ``airflow <name>``."""
         cmd = [PYTHON, "-m", "airflow", name] if stock else [str(Path(PYTHON).parent / f"airflow-safe-{name}")]
         log = self.home / f"{name}-{len(self.started)}.log"
-        proc = SchedulerProcess(cmd + list(args), dict(self.env, **env), log, 0)
+        proc = SchedulerProcess(cmd + list(args), dict(self.env, **env), log, 0, reaped=_reaped(stock, args))
         self.started.append(proc)
         return proc.start()
 

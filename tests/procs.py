@@ -155,8 +155,11 @@ class TreeWatcher:
 
 
 class SchedulerProcess:
-    def __init__(self, cmd: list[str], env: dict, log_path: Path, health_port: int) -> None:
+    def __init__(self, cmd: list[str], env: dict, log_path: Path, health_port: int, reaped: bool = False) -> None:
         self.cmd, self.env, self.log_path, self.health_port = cmd, env, log_path, health_port
+        #: Whether the command is our tiny parent with the job process below it (``reaper``).
+        self.reaped = reaped
+        self._job_pid: int | None = None
         self.popen: subprocess.Popen | None = None
         self.watchers: list[TreeWatcher] = []
         self.exited_at: float | None = None
@@ -183,6 +186,23 @@ class SchedulerProcess:
     def pid(self) -> int:
         assert self.popen is not None
         return self.popen.pid
+
+    @property
+    def job_pid(self) -> int:
+        """The job process: the command itself, or under our parent its first child."""
+        if not self.reaped:
+            return self.pid
+        if self._job_pid is None:
+
+            def first_child() -> int | None:
+                try:
+                    children = psutil.Process(self.pid).children()
+                except psutil.NoSuchProcess:
+                    return None
+                return min(children, key=lambda p: p.create_time()).pid if children else None
+
+            self._job_pid = wait_for(first_child, 30, message="the job process below our parent")
+        return self._job_pid
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -241,6 +261,10 @@ class SchedulerProcess:
 
     def survivors(self) -> list[psutil.Process]:
         return [p for p in self.seen.values() if alive(p)]
+
+    def below_job(self) -> list[psutil.Process]:
+        """The job process's own descendants that are alive (not the job itself)."""
+        return [p for p in self.survivors() if p.pid != self.job_pid]
 
     def survivors_after(self, timeout: float) -> list[psutil.Process]:
         """Descendants still alive once ``timeout`` has passed (returns early when none are)."""

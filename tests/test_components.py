@@ -15,7 +15,7 @@ import time
 import pytest
 
 from procs import wait_for
-from test_faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans
+from test_faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans, kill
 from test_hung import statsd  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.all_versions
@@ -106,9 +106,9 @@ def with_parsing_process(deployment):
 
 
 def wait_parsing(proc) -> None:
-    # The parsing process is the dag-processor's child that has the slow file open... or simply any
-    # child but none of ours: the dag-processor has no servers.
-    wait_for(lambda: proc.survivors(), 120, interval=0.5, message="a DAG-file parsing process")
+    # Any process below the job process: the dag-processor has no servers, so it parses.
+    wait_for(proc.below_job, 120, interval=0.5,
+             message="a DAG-file parsing process")
 
 
 @pytest.mark.parametrize("name", COMPONENTS)
@@ -164,8 +164,9 @@ def test_sigterm_with_a_blocked_exit_is_forced(deployment, postgres, name):
     assert_no_orphans(proc)
 
 
+@pytest.mark.parametrize("target", ["top", "job"])
 @pytest.mark.parametrize("name", COMPONENTS)
-def test_sigkill_leaves_no_child(deployment, postgres, name):
+def test_sigkill_leaves_no_child(deployment, postgres, name, target):
     """The triggerer's serve-logs (and trigger runner, 3.x); the dag-processor's parsing process.
     (A triggerer SIGKILLed with a trigger running: ``test_deferrable.py``.)"""
     if name == "dag-processor":
@@ -173,11 +174,9 @@ def test_sigkill_leaves_no_child(deployment, postgres, name):
     proc = started(deployment, postgres, name)
     if name == "dag-processor":
         wait_parsing(proc)
-    assert proc.survivors()
-
-    proc.signal(signal.SIGKILL)
-    assert proc.wait_exit(10) == -signal.SIGKILL
-    assert_no_orphans(proc, timeout=10)
+    assert proc.below_job()
+    kill(proc, target)
+    assert_no_orphans(proc, timeout=30 + MARGIN)
 
 
 @pytest.mark.parametrize("name", COMPONENTS)

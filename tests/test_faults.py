@@ -8,6 +8,7 @@ still alive.
 
 from __future__ import annotations
 
+import os
 import signal
 import textwrap
 import time
@@ -238,7 +239,7 @@ def test_sigterm_is_a_clean_exit(deployment):
 def test_our_threads_are_named_in_the_kernel(deployment):
     """``top -H`` and ``bench/run.py`` tell our watchdogs apart from Airflow's threads by name."""
     scheduler = started(deployment)
-    wait_for(lambda: {"safe-signals", "safe-stall-wd"} <= {n for n, _ in threads_of(scheduler.pid).values()},
+    wait_for(lambda: {"safe-signals", "safe-stall-wd"} <= {n for n, _ in threads_of(scheduler.job_pid).values()},
              30, message="threads named safe-signals and safe-stall-wd")
     scheduler.signal(signal.SIGTERM)
     assert scheduler.wait_exit(30 + MARGIN) == 0, scheduler.log()[-4000:]
@@ -255,14 +256,26 @@ def test_sigterm_while_shutdown_blocked_is_forced(deployment):
     assert_no_orphans(scheduler)
 
 
-def test_sigkill_takes_every_descendant_with_it(deployment):
-    """The kernel, not the scheduler, cleans up here: PR_SET_PDEATHSIG on every fork."""
+@pytest.mark.parametrize("target", ["top", "job"])
+def test_sigkill_takes_every_descendant_with_it(deployment, target):
+    """``kill -9`` of the PID the user started (our parent: the job process gets SIGTERM and stops
+    its tree, within its deadline), or of the job process, the OOM killer's pick (its forks get
+    their death signal from the kernel, and the parent stops whatever else is left)."""
     scheduler = started(deployment, AIRFLOW__CORE__PARALLELISM="32")
     assert len(scheduler.survivors()) >= 34
+    kill(scheduler, target)
+    assert_no_orphans(scheduler, timeout=30 + MARGIN)
 
-    scheduler.signal(signal.SIGKILL)
-    assert scheduler.wait_exit(10) == -signal.SIGKILL
-    assert_no_orphans(scheduler, timeout=10)
+
+def kill(proc, target: str) -> None:
+    """SIGKILL the top process (what supervisord tracks) or the job process below it."""
+    if target == "top":
+        proc.signal(signal.SIGKILL)
+        assert proc.wait_exit(10) == -signal.SIGKILL
+    else:
+        os.kill(proc.job_pid, signal.SIGKILL)
+        code = proc.wait_exit(30)
+        assert code == 128 + signal.SIGKILL, f"exit {code}:\n{proc.log()[-3000:]}"
 
 
 RUNNING_TASKS_DAG = """

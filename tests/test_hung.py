@@ -117,7 +117,7 @@ def test_metadata_db_connections_get_short_keepalives(deployment, postgres):
 
     def short_timers() -> bool:
         # A connection with data in flight shows its retransmit timer instead: look again.
-        seen[:] = _keepalive_idle(postgres.port, scheduler.pid)
+        seen[:] = _keepalive_idle(postgres.port, scheduler.job_pid)
         return bool(seen) and all(t is not None and t <= 10 for t in seen)
 
     try:
@@ -134,7 +134,7 @@ def test_metadata_db_connections_get_short_keepalives(deployment, postgres):
 def test_keepalives_are_left_alone_when_asked(deployment, postgres, query, env):
     deployment.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = postgres.url + query
     scheduler = started(deployment, **env)
-    idle = wait_for(lambda: _keepalive_idle(postgres.port, scheduler.pid), 30, message="DB connections")
+    idle = wait_for(lambda: _keepalive_idle(postgres.port, scheduler.job_pid), 30, message="DB connections")
     assert all(t is None or t > 60 for t in idle), idle
 
 

@@ -23,14 +23,14 @@ pytestmark = pytest.mark.all_versions
 
 def _kill_log_server(scheduler, port: int) -> int:
     """SIGKILL the scheduler's serve-logs child (the one listening on ``port``); return its pid."""
-    servers = [p for p in scheduler.listening_on(port) if p.ppid() == scheduler.pid]
+    servers = [p for p in scheduler.listening_on(port) if p.ppid() == scheduler.job_pid]
     assert len(servers) == 1, servers
     servers[0].send_signal(signal.SIGKILL)
     return servers[0].pid
 
 
 def _listener_pids(scheduler, port: int) -> set[int]:
-    return {p.pid for p in scheduler.listening_on(port) if p.ppid() == scheduler.pid}
+    return {p.pid for p in scheduler.listening_on(port) if p.ppid() == scheduler.job_pid}
 
 
 def test_killed_log_server_is_listening_again(deployment, statsd):  # noqa: F811
@@ -76,4 +76,4 @@ def test_log_server_that_cannot_come_back_does_not_stop_scheduling(deployment, s
         squatter.close()
     wait_for(lambda: _listener_pids(scheduler, deployment.log_port) - {killed}, 70,
              message="serve-logs back once the port is free")
-    assert not [p for p in psutil.Process(scheduler.pid).children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert not [p for p in psutil.Process(scheduler.job_pid).children() if p.status() == psutil.STATUS_ZOMBIE]

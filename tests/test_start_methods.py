@@ -1,0 +1,84 @@
+"""Every start method (``[core] mp_start_method``: fork, forkserver, spawn) on Airflow 3.3, with real
+tasks running: nothing is left after ``kill -9`` of the PID the user started or of the job process,
+a DB stop ends in time, SIGTERM stops cleanly, a killed log server listens again.
+
+Under ``forkserver`` (Python 3.14's default) and ``spawn`` the executor workers are not forked by
+the job process, so no code of ours runs in them: only the parent above the job (``reaper``) can
+tell that they outlived it.
+"""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from procs import alive, wait_for
+from test_faults import MARGIN, RUNNING_TASKS_DAG, assert_exits, assert_no_orphans, kill, started
+
+METHODS = ["fork", "forkserver", "spawn"]
+
+
+def _with_method(deployment, method: str) -> None:
+    deployment.env["AIRFLOW__CORE__MP_START_METHOD"] = method
+
+
+@pytest.mark.parametrize("target", ["top", "job"])
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_with_tasks_running_leaves_nothing(deployment, tmp_path, method, target):
+    _with_method(deployment, method)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    dag = textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks)))
+    (deployment.home / "dags" / "long_tasks.py").write_text(dag)
+    deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+    deployment.start_task_services()
+    scheduler = deployment.scheduler("--child-stop-timeout", "3")
+    scheduler.wait_healthy()
+
+    def task_pids() -> list[int]:
+        pids = [mark.read_text() for mark in marks.glob("started-*")]
+        return [int(pid) for pid in pids] if len(pids) == 2 and all(pids) else []
+
+    try:
+        tasks = [psutil.Process(pid) for pid in wait_for(task_pids, 240, interval=0.5, message="both tasks to run")]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; scheduler log:\n{scheduler.log()[-3000:]}") from None
+    assert len(scheduler.below_job()) >= 6  # serve-logs, workers, tasks (and the forkserver, tracker)
+
+    kill(scheduler, target)
+    # Found by pid: everything the scheduler's tree ever held, tasks included.
+    left = scheduler.survivors_after(30 + MARGIN)
+    assert not left, f"outlived the scheduler: {[(p.pid, ' '.join(p.cmdline())[:120]) for p in left]}"
+    assert not any(alive(task) for task in tasks)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_db_stop_ends_in_time(deployment, postgres, method):
+    _with_method(deployment, method)
+    scheduler = started(deployment, "--shutdown-timeout", "20")
+    postgres.stop("immediate")
+    fault = time.monotonic()
+    code, took = assert_exits(scheduler, fault, 20 + MARGIN)
+    assert code == 1, scheduler.log()[-4000:]
+    assert took < 20, f"took {took:.1f}s"
+    assert_no_orphans(scheduler)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_killed_log_server_comes_back_and_sigterm_is_clean(deployment, method):
+    _with_method(deployment, method)
+    scheduler = started(deployment)
+    # Under forkserver the server is the forkserver's child, not the job's: any listener in the tree.
+    [server] = wait_for(lambda: scheduler.listening_on(deployment.log_port), 30, message="serve-logs")
+    server.send_signal(signal.SIGKILL)
+    wait_for(lambda: {p.pid for p in scheduler.listening_on(deployment.log_port)} - {server.pid}, 10,
+             interval=0.2, message="a new serve-logs listening on the log port within 10 s")
+
+    sent = scheduler.signal(signal.SIGTERM)
+    code, _ = assert_exits(scheduler, sent, 30 + MARGIN)
+    assert code == 0, scheduler.log()[-4000:]
+    assert_no_orphans(scheduler)
