@@ -50,6 +50,8 @@ SCENARIOS = {
     "SIGTERM + blocked exit": (HANGING_SHUTDOWN_PLUGIN, "sigterm"),
     "DB frozen (SIGSTOP)": (None, "freeze"),
     "SIGKILL": (None, "sigkill"),
+    # The OOM killer's pick: the job process (for stock, the same process as above).
+    "SIGKILL of the job process": (None, "sigkill-job"),
 }
 
 
@@ -91,7 +93,8 @@ class Bench:
             started = time.monotonic()
             {"stop": lambda: server.stop("immediate"), "freeze": server.freeze,
              "sigterm": lambda: scheduler.signal(signal.SIGTERM),
-             "sigkill": lambda: scheduler.signal(signal.SIGKILL)}[fault]()
+             "sigkill": lambda: scheduler.signal(signal.SIGKILL),
+             "sigkill-job": lambda: os.kill(scheduler.job_pid, signal.SIGKILL)}[fault]()
             code, seconds = _gone(scheduler, started, limit)
             orphans = len(scheduler.survivors()) if code is not None else None
             return {"seconds": seconds, "code": code, "orphans": orphans}

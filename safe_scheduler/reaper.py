@@ -48,6 +48,8 @@ OOM_SCORE_ADJ = -500
 #: Seconds between two looks at what is left below us, once the job is gone.
 POLL = 0.05
 DEFAULT_GRACE = 5.0
+#: Seconds SIGKILL is given to take everything below us before the parent exits regardless.
+KILL_WAIT = 5.0
 
 #: In the job process: the parent's pid (0 when there is none: ``-D``, or not Linux).
 parent_pid = 0
@@ -72,10 +74,23 @@ def follow_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _from_airflow_cfg(key: str) -> str:
+    """``[safe_scheduler] key`` from airflow.cfg, read as a plain ini file (no Airflow loaded here)."""
+    import configparser
+
+    home = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(os.environ.get("AIRFLOW_CONFIG", os.path.join(home, "airflow.cfg")))
+        return parser.get("safe_scheduler", key, fallback="")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return ""
+
+
 def _grace(argv: list[str]) -> float:
-    """``child_stop_timeout`` from the flag or the environment, read without Airflow (the job
-    validates it; anything odd here means the default)."""
-    raw = os.environ.get("AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT", "")
+    """``child_stop_timeout`` as the job reads it: the flag, else the environment, else airflow.cfg
+    (the job validates it and refuses a bad one; anything odd here means the default)."""
+    raw = os.environ.get("AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT", "") or _from_airflow_cfg("child_stop_timeout")
     for i, arg in enumerate(argv):
         if arg == "--child-stop-timeout" and i + 1 < len(argv):
             raw = argv[i + 1]
@@ -136,16 +151,21 @@ def _reap() -> bool:
 
 
 def _sweep(grace: float) -> None:
-    """Stop everything below us; SIGTERM and up to ``grace`` seconds first, where there is one."""
+    """Stop everything below us; SIGTERM and up to ``grace`` seconds first, where there is one.
+
+    What cannot be killed (another user's process, one stuck in the kernel) is given up after
+    ``KILL_WAIT``: the parent must exit too, and its exit hands those to init.
+    """
     if grace > 0 and _below_us():
         _signal_all(_below_us(), signal.SIGTERM)
         deadline = time.monotonic() + grace
         while _reap() and _below_us() and time.monotonic() < deadline:
             time.sleep(POLL)
+    deadline = time.monotonic() + KILL_WAIT
     while True:
         left = _below_us()
         _signal_all(left, signal.SIGKILL)
-        if not _reap() and not left:
+        if (not _reap() and not left) or time.monotonic() > deadline:
             return
         time.sleep(POLL)
 
@@ -192,11 +212,14 @@ def run(name: str, argv: list[str]) -> NoReturn:
         finally:
             os._exit(127)
 
+    reaped = False
+
     def forward(signum: int, frame: object) -> None:
-        try:
-            os.kill(job, signum)
-        except OSError:
-            pass
+        if not reaped:  # once reaped, its pid may be someone else's
+            try:
+                os.kill(job, signum)
+            except OSError:
+                pass
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
@@ -207,6 +230,7 @@ def run(name: str, argv: list[str]) -> NoReturn:
         except ChildProcessError:
             break
         if pid == job:
+            reaped = True
             break
     # The job stops its own tree on every way out it lives through; what is left now was missed
     # (started by exec, its own session) or the job was killed: a killed job's tasks get their grace.
