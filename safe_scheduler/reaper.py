@@ -42,8 +42,8 @@ PARENT_ENV = "_SAFE_SCHEDULER_PARENT_PID"
 PR_SET_CHILD_SUBREAPER = 36
 #: Signals a supervisor or a terminal sends that belong to the job (SIGKILL/SIGSTOP cannot be caught).
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-#: Our OOM score adjustment: lowering it needs CAP_SYS_RESOURCE (root in the official image's
-#: build, not at run time); without it our few MB already make us the OOM killer's last choice.
+#: Our OOM score adjustment. Lowering it needs CAP_SYS_RESOURCE, which the official image's user
+#: (uid 50000) lacks; without it our few MB already make us the OOM killer's last choice.
 OOM_SCORE_ADJ = -500
 #: Seconds between two looks at what is left below us, once the job is gone.
 POLL = 0.05
@@ -105,11 +105,12 @@ def _grace(argv: list[str]) -> float:
 
 def _job_command(name: str, argv: list[str]) -> list[str]:
     """This same command, run again as the job process (the same script, so ``ps`` shows it)."""
-    if sys.argv[0].endswith("__main__.py"):
+    script = sys.argv[0]
+    if script.endswith(os.path.join("safe_scheduler", "__main__.py")):  # python -m safe_scheduler
         return [sys.executable, "-m", "safe_scheduler", *argv]
-    if os.path.isfile(sys.argv[0]):
-        return [sys.executable, sys.argv[0], *argv]
-    return [sys.executable, "-m", "safe_scheduler.entry", name, *argv]  # called from ``python -c``
+    if os.path.isfile(script) and not script.endswith(os.path.join("safe_scheduler", "entry.py")):
+        return [sys.executable, script, *argv]  # the console script
+    return [sys.executable, "-m", "safe_scheduler.entry", name, *argv]  # python -m …entry, python -c
 
 
 def _below_us() -> list[int]:

@@ -18,15 +18,26 @@ import pytest
 
 from procs import alive, wait_for
 from safe_scheduler import compat
-from test_faults import MARGIN, RUNNING_TASKS_DAG, assert_exits, assert_no_orphans, kill, started
+from test_faults import MARGIN, RUNNING_TASKS_DAG, assert_exits, assert_no_orphans, kill
 
 # 2.x reads ``[core] mp_start_method`` only for the scheduler's DAG-file processor (its manager and
 # parsing processes); the executor's workers always fork there. 3.3 applies it to everything.
 METHODS = ["fork", "forkserver", "spawn"] if compat.AIRFLOW_3 else ["fork", "spawn"]
+# Under fork, the DB stop and the killed log server are test_faults' and test_servers' own tests.
+NOT_FORK = [method for method in METHODS if method != "fork"]
 
 
 def _with_method(deployment, method: str) -> None:
     deployment.env["AIRFLOW__CORE__MP_START_METHOD"] = method
+
+
+def started(deployment, *args: str):
+    """Heartbeating, with serve-logs listening (under spawn and forkserver LocalExecutor starts
+    its workers only once there is work, so they are not waited for here)."""
+    scheduler = deployment.scheduler(*args)
+    scheduler.wait_healthy()
+    wait_for(lambda: scheduler.listening_on(deployment.log_port), 60, message="serve-logs to listen")
+    return scheduler
 
 
 @pytest.mark.all_versions
@@ -60,7 +71,7 @@ def test_sigkill_with_tasks_running_leaves_nothing(deployment, tmp_path, method,
     assert not any(alive(task) for task in tasks)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", NOT_FORK)
 def test_db_stop_ends_in_time(deployment, postgres, method):
     _with_method(deployment, method)
     scheduler = started(deployment, "--shutdown-timeout", "20")
@@ -72,7 +83,7 @@ def test_db_stop_ends_in_time(deployment, postgres, method):
     assert_no_orphans(scheduler)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", NOT_FORK)
 def test_killed_log_server_comes_back_and_sigterm_is_clean(deployment, method):
     _with_method(deployment, method)
     scheduler = started(deployment)
