@@ -2,11 +2,10 @@
 
 This module knows nothing of which component runs: the ``Component`` names the job runner, its
 servers and its executors. Read top to bottom, as gunicorn's arbiter: set up the watchers; run the
-job with its servers; on
-any way out (return, exception, signal, stall) the shutdown's one deadline starts, running tasks
-are stopped with time for their cleanup (``taskstop``), the executor is ended within what is
-left, the servers are stopped together, whatever else is still below us is swept, and the exit
-code comes from ``shutdown.exit_code`` alone.
+job with its servers; on any way out (return, exception, signal, stall) the shutdown's one deadline
+starts, running tasks are stopped with time for their cleanup (``taskstop``), the executor is
+ended within what is left, the servers are stopped together, whatever else is still below us is
+swept, and the exit code comes from ``shutdown.exit_code`` alone.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ a real api-server and dag-processor run beside the scheduler.
 
 from __future__ import annotations
 
+import os
 import signal
 import textwrap
 import time
@@ -150,8 +151,12 @@ def test_sigterm_cancels_the_job_and_exits_0(deployment, service):
 
 
 def test_hanging_cleanup_is_cut_at_its_budget(deployment, service):
+    """The cut comes from the job's own deadline, which this stop uses to the full: the SIGTERM goes
+    to the job process itself, so the time measured is the job's (once, in CI, a loaded machine
+    took 1.7 s to pass a SIGTERM through our parent; that path is every other SIGTERM test's)."""
     scheduler = _running_job(deployment, service, mode="hanging-cleanup")
-    code, took = _gone(scheduler, scheduler.signal(signal.SIGTERM))
+    os.kill(scheduler.job_pid, signal.SIGTERM)
+    code, took = _gone(scheduler, time.monotonic())
 
     assert code == 0, scheduler.log()[-4000:]
     assert took < SHUTDOWN, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
