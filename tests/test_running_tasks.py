@@ -8,7 +8,6 @@ a real api-server and dag-processor run beside the scheduler.
 
 from __future__ import annotations
 
-import os
 import signal
 import textwrap
 import time
@@ -24,6 +23,8 @@ SHUTDOWN, CHILD_STOP = 10, 3
 MARGIN = 10.0
 #: Seconds a scheduler may take to notice that the database went away (its next query fails).
 NOTICE = 5.0
+#: Seconds a loaded machine may take between a SIGTERM sent and the job noticing it.
+SIGNAL_NOTICE = 2.0
 
 DAG = """
     import json
@@ -151,13 +152,13 @@ def test_sigterm_cancels_the_job_and_exits_0(deployment, service):
 
 
 def test_hanging_cleanup_is_cut_at_its_budget(deployment, service):
-    """The cut comes from the job's own deadline, which this stop uses to the full: the SIGTERM goes
-    to the job process itself, so the time measured is the job's (once, in CI, a loaded machine
-    took 1.7 s to pass a SIGTERM through our parent; that path is every other SIGTERM test's)."""
+    """This stop uses the deadline to the full, so the time the job takes to *notice* the signal
+    counts too: the deadline starts when it does. Once, on a loaded CI machine, the job's main
+    thread and our signal listener both ran 1.7 s after the SIGTERM was sent (the GIL held; our
+    parent passes a signal on in under 4 ms here even under load)."""
     scheduler = _running_job(deployment, service, mode="hanging-cleanup")
-    os.kill(scheduler.job_pid, signal.SIGTERM)
-    code, took = _gone(scheduler, time.monotonic())
+    code, took = _gone(scheduler, scheduler.signal(signal.SIGTERM))
 
     assert code == 0, scheduler.log()[-4000:]
-    assert took < SHUTDOWN, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
+    assert took < SHUTDOWN + SIGNAL_NOTICE, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
     assert service.count("/jobs/1/hanging-cleanup") == 1  # the cleanup ran, and hung until killed
