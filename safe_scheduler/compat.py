@@ -33,10 +33,6 @@ def cli_command(name: str = "scheduler") -> Any:
     raise RuntimeError(f"the installed Airflow has no '{name}' command")
 
 
-def scheduler_cli_command() -> Any:
-    return cli_command("scheduler")
-
-
 def add_airflow_args(parser: argparse.ArgumentParser, name: str = "scheduler") -> None:
     """Add the installed ``airflow <name>`` flags to ``parser``, in Airflow's order (sorted)."""
     args = sorted(cli_command(name).args, key=lambda a: (a.flags[-1].lstrip("-").lower()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -30,6 +30,10 @@ def _no_executors(job_runner: Any) -> list[Any]:
     return []
 
 
+def _no_servers(args: argparse.Namespace) -> list[Server]:
+    return []
+
+
 def _nothing(args: argparse.Namespace) -> None:
     return None
 
@@ -45,14 +49,14 @@ class Component:
     #: A job runner built as the stock command builds it.
     new_job_runner: Callable[[argparse.Namespace], Any]
     #: The servers to run beside the job, for these flags and this config.
-    servers: Callable[[argparse.Namespace], list[Server]]
+    servers: Callable[[argparse.Namespace], list[Server]] = _no_servers
     #: Refuse what the stock command refuses, as a ``UsageError`` (one line, exit 2); runs before
     #: the database is checked, so it looks at flags and config only.
     check: Callable[[argparse.Namespace], None] = _nothing
     #: What the stock command does in-process before its job (secrets masking, config reloads).
     prepare: Callable[[argparse.Namespace], None] = _nothing
     #: The executors whose running tasks are stopped first on every way out (the scheduler's).
-    executors: Callable[[Any], list[Any]] = field(default=_no_executors)
+    executors: Callable[[Any], list[Any]] = _no_executors
 
     @property
     def runs_tasks(self) -> bool:
@@ -62,8 +66,3 @@ class Component:
     @property
     def prog(self) -> str:
         return f"airflow-safe-{self.name}"
-
-    @property
-    def title(self) -> str:
-        """For log lines: "Scheduler failed", "Dag-processor stopped"."""
-        return self.name.capitalize()

@@ -11,7 +11,7 @@ def _main(name: str) -> NoReturn:
     from safe_scheduler import reaper
 
     argv = sys.argv[1:]
-    if argv[:1] != ["doctor"] and reaper.wanted(argv):
+    if reaper.wanted(argv):
         reaper.run(name, argv)
     from safe_scheduler import cli
 

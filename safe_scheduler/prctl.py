@@ -9,6 +9,7 @@ import sys
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
 PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def prctl(option: int, arg: object) -> None:

@@ -35,11 +35,10 @@ import sys
 import time
 from typing import NoReturn
 
-from safe_scheduler.prctl import PR_SET_PDEATHSIG, prctl
+from safe_scheduler.prctl import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 
 #: Set for the job process: the parent's pid. Its presence means "you are the job".
 PARENT_ENV = "_SAFE_SCHEDULER_PARENT_PID"
-PR_SET_CHILD_SUBREAPER = 36
 #: Signals a supervisor or a terminal sends that belong to the job (SIGKILL/SIGSTOP cannot be caught).
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 #: Our OOM score adjustment. Lowering it needs CAP_SYS_RESOURCE, which the official image's user
@@ -56,9 +55,9 @@ parent_pid = 0
 
 
 def wanted(argv: list[str]) -> bool:
-    """Whether this process should be the parent: not in the job itself, and not for ``-D`` (the
-    daemon leaves its launcher behind, which is what ``-D`` is for)."""
-    if PARENT_ENV in os.environ or not sys.platform.startswith("linux"):
+    """Whether this process should be the parent: not in the job itself, not for ``doctor`` (no
+    job), and not for ``-D`` (the daemon leaves its launcher behind, which is what ``-D`` is for)."""
+    if PARENT_ENV in os.environ or not sys.platform.startswith("linux") or argv[:1] == ["doctor"]:
         return False
     return not any(arg in ("-D", "--daemon") for arg in argv)
 

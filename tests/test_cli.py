@@ -149,7 +149,7 @@ def test_unforeseen_error_while_preparing_is_still_one_line(postgres, tmp_path):
 
 def test_only_idle_alone_is_refused(home):
     line = _refused(_run(SAFE + ["--only-idle"], base_env(home)))
-    if any("--only-idle" in arg.flags for arg in compat.scheduler_cli_command().args):
+    if any("--only-idle" in arg.flags for arg in compat.cli_command("scheduler").args):
         assert "--only-idle requires --num-runs" in line
     else:  # releases before 3.2 have no such flag, and neither do we there
         assert "unrecognized arguments: --only-idle" in line
