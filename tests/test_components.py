@@ -15,6 +15,7 @@ import time
 import pytest
 
 from procs import wait_for
+from safe_scheduler import compat
 from test_faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans, kill
 from test_hung import statsd  # noqa: F401 - a fixture
 
@@ -72,7 +73,8 @@ SIMPLE_DAG = """
 def prepare(deployment, name: str) -> None:
     """What the component needs to run at all: on 2.x the dag-processor runs only standalone."""
     if name == "dag-processor":
-        deployment.env["AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR"] = "True"
+        if compat.airflow_has_key("scheduler", "standalone_dag_processor"):  # 2.x only; 3.x has no such key
+            deployment.env["AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR"] = "True"
         (deployment.home / "dags" / "simple.py").write_text(textwrap.dedent(SIMPLE_DAG))
 
 
