@@ -129,11 +129,15 @@ def _prepare(name: str, argv: list[str] | None):
         },
         conf,
         component.health_threshold,
+        component.name,
     )
     component.check(args)
     preflight.check_metadata_db(conf)
     for server in component.servers(args):
         preflight.check_port_free(server.host, server.port, server.key)
+    if config.enable_health_check:
+        key = f"[{settings.SECTION}] {component.name.replace('-', '_')}_health_check_server_port"
+        preflight.check_port_free(config.health_check_server_host, config.health_check_server_port, key)
     return component, args, config
 
 

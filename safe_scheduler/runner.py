@@ -16,7 +16,9 @@ import logging
 import time
 from typing import Any
 
-from safe_scheduler import children, compat, dbtimeouts, forkhook, metrics, output, signals, systemd, taskstop, tree
+from safe_scheduler import (
+    children, compat, dbtimeouts, forkhook, healthserver, metrics, output, signals, systemd, taskstop, tree,
+)
 from safe_scheduler.component import Component
 from safe_scheduler.settings import Settings
 from safe_scheduler.shutdown import Cause, Shutdown
@@ -42,6 +44,7 @@ def run(component: Component, args: argparse.Namespace, settings: Settings) -> i
         dbtimeouts.apply(compat.metadata_engine())
 
     try:
+        _serve_health(settings, shutdown, stall)
         _run_job(component, args, settings, shutdown, stall, notifier)
     except BaseException as exc:  # noqa: BLE001 - every way out must reach the sweep below
         shutdown.run_ended(exc)
@@ -97,6 +100,21 @@ def _run_job(
         finally:
             shutdown.begin(f"{component.name} run ended")
             signals.hold(shutdown.remaining)
+
+
+def _serve_health(settings: Settings, shutdown: Shutdown, stall: StallWatchdog) -> None:
+    """Our liveness endpoint, from the first moment: the heartbeat age counts from here until the
+    job's first heartbeat, and shutdown turns it to 503."""
+    if not settings.enable_health_check:
+        return
+    health = healthserver.Health(
+        stall.seconds_since_heartbeat, lambda: shutdown.started_at is not None, settings.unhealthy_after,
+    )
+    host, port = settings.health_check_server_host, settings.health_check_server_port
+    try:
+        healthserver.start(host, port, health)
+    except OSError as exc:  # taken since the check at start (a race); the probe would fail anyway
+        raise RuntimeError(f"cannot serve the liveness endpoint on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _end_within_deadline(shutdown: Shutdown, tasks: taskstop.TaskStop, end: Any, reserve: float) -> Any:

@@ -22,6 +22,9 @@ DEFAULTS: dict[str, float | None] = {
 #: A scheduler is unhealthy after ``[scheduler] scheduler_health_check_threshold`` seconds without
 #: a heartbeat; it is declared hung after twice that, so a slow loop a probe tolerates is not killed.
 STALL_FACTOR = 2
+#: Our liveness endpoint's port per component, so that the three can run on one host as they are.
+#: Beside Airflow's own 8793 (worker logs), 8794 (trigger logs) and 8974 (scheduler health check).
+HEALTH_PORTS = {"scheduler": 8975, "triggerer": 8976, "dag-processor": 8977}
 #: Seconds of the deadline kept for SIGKILL and reaping, once after the tasks, once after the servers
 #: (``tree.KILL_RESERVE`` each; not imported, so that this module loads without psutil).
 KILL_RESERVES = 2.0
@@ -45,6 +48,12 @@ class Settings:
     task_drain_timeout: float = 0.0
     #: Seconds tasks get between SIGTERM and SIGKILL for ``on_kill`` / ``on_termination``.
     task_cleanup_timeout: float = 0.0
+    #: Our liveness endpoint (``healthserver``): on or off, where it binds, and after how many
+    #: seconds without a heartbeat it answers 503 (the stall timeout, else twice Airflow's threshold).
+    enable_health_check: bool = True
+    health_check_server_host: str = "0.0.0.0"
+    health_check_server_port: int = HEALTH_PORTS["scheduler"]
+    unhealthy_after: float = 60.0
 
 
 def _seconds(raw: object, name: str, *, allow_zero: bool) -> float:
@@ -69,15 +78,34 @@ def _boolean(raw: object, name: str) -> bool:
     raise UsageError(f"{name} must be True or False, got {raw!r}")
 
 
+def _port(raw: object, name: str) -> int:
+    try:
+        port = int(str(raw).strip())
+    except ValueError:
+        raise UsageError(f"{name} must be a port number, got {raw!r}") from None
+    if not 0 < port < 65536:
+        raise UsageError(f"{name} must be a port number from 1 to 65535, got {raw!r}")
+    return port
+
+
+def _setting(conf, key: str) -> str | None:
+    raw = conf.get(SECTION, key, fallback=None)
+    return None if raw is None or str(raw).strip() == "" else str(raw).strip()
+
+
 def load(
     cli_overrides: dict[str, str | None], conf,
     health_threshold: tuple[str, str] = ("scheduler", "scheduler_health_check_threshold"),
+    component: str = "scheduler",
 ) -> Settings:
     """Merge ``[safe_scheduler]`` from Airflow's ``conf`` with CLI overrides and validate.
 
     ``conf`` is Airflow's config object (passed in so this module stays importable without Airflow,
     which keeps its unit tests fast). Env vars ``AIRFLOW__SAFE_SCHEDULER__*`` come through ``conf``.
     """
+    section, option = health_threshold
+    threshold = conf.get(section, option, fallback=30)
+    derived_stall = STALL_FACTOR * _seconds(threshold, f"[{section}] {option}", allow_zero=False)
     values: dict[str, float] = {}
     for key, default in DEFAULTS.items():
         cli_value = cli_overrides.get(key)
@@ -90,9 +118,7 @@ def load(
         if key == "task_cleanup_timeout" and raw is None:
             continue  # derived below, from what the other timeouts leave
         if raw is None:  # stall_timeout: derived from Airflow's own notion of "unhealthy" for this job
-            section, option = health_threshold
-            threshold = conf.get(section, option, fallback=30)
-            raw = STALL_FACTOR * _seconds(threshold, f"[{section}] {option}", allow_zero=False)
+            raw = derived_stall
         values[key] = _seconds(raw, name, allow_zero=(key != "shutdown_timeout"))
     if values["child_stop_timeout"] > values["shutdown_timeout"]:
         raise UsageError(
@@ -110,8 +136,19 @@ def load(
             f"must not exceed shutdown_timeout ({values['shutdown_timeout']:g}s): tasks and children are "
             "stopped within the shutdown deadline"
         )
-    db_timeouts = conf.get(SECTION, "db_timeouts", fallback=None)
+    db_timeouts = _setting(conf, "db_timeouts")
+    enable_health_check = _setting(conf, "enable_health_check")
+    port_key = f"{component.replace('-', '_')}_health_check_server_port"
+    port = _setting(conf, port_key)
     return Settings(
         **values,
-        db_timeouts=True if db_timeouts in (None, "") else _boolean(db_timeouts, f"[{SECTION}] db_timeouts"),
+        db_timeouts=True if db_timeouts is None else _boolean(db_timeouts, f"[{SECTION}] db_timeouts"),
+        enable_health_check=(
+            True if enable_health_check is None
+            else _boolean(enable_health_check, f"[{SECTION}] enable_health_check")
+        ),
+        health_check_server_host=_setting(conf, "health_check_server_host") or "0.0.0.0",
+        health_check_server_port=HEALTH_PORTS[component] if port is None else _port(port, f"[{SECTION}] {port_key}"),
+        # With the stall watchdog off, the endpoint still needs a bound: the default one.
+        unhealthy_after=values["stall_timeout"] or derived_stall,
     )

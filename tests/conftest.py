@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pg  # noqa: E402
 from procs import SchedulerProcess, http_status, wait_for  # noqa: E402
 
+from safe_scheduler.settings import HEALTH_PORTS  # noqa: E402
+
 ROOT_ENV = "SAFE_SCHEDULER_TEST_ROOT"
 PYTHON = sys.executable
 SAFE = [PYTHON, "-m", "safe_scheduler"]
@@ -59,7 +61,15 @@ def base_env(home: Path) -> dict:
         AIRFLOW__API_AUTH__JWT_SECRET="safe-scheduler-tests",
         PYTHONUNBUFFERED="1",
     )
+    # Our liveness endpoints' own free ports: tests run side by side, each with its own ports.
+    for name in HEALTH_PORTS:
+        env[health_port_variable(name)] = str(pg.free_port())
     return env
+
+
+def health_port_variable(name: str) -> str:
+    """The environment variable that sets ``airflow-safe-<name>``'s liveness endpoint port."""
+    return f"AIRFLOW__SAFE_SCHEDULER__{name.replace('-', '_').upper()}_HEALTH_CHECK_SERVER_PORT"
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +126,10 @@ class Deployment:
             AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
         )
         self.started: list[SchedulerProcess] = []
+
+    def endpoint_port(self, name: str) -> int:
+        """Where ``airflow-safe-<name>`` started here answers its liveness probe."""
+        return int(self.env[health_port_variable(name)])
 
     def add_plugin(self, name: str, source: str) -> None:
         (self.home / "plugins" / f"{name}.py").write_text(textwrap.dedent(source))

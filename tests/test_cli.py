@@ -97,6 +97,29 @@ def test_triggerer_log_port_taken_is_refused(postgres, tmp_path):
     assert f"port {deployment.trigger_log_port}" in line and "trigger_log_server_port" in line
 
 
+@pytest.mark.parametrize("name", ["scheduler", "triggerer", "dag-processor"])
+def test_liveness_endpoint_port_taken_is_refused(postgres, tmp_path, name):
+    deployment = Deployment(tmp_path / "airflow", postgres.url)
+    port = deployment.endpoint_port(name)
+    if name == "dag-processor" and compat.airflow_has_key("scheduler", "standalone_dag_processor"):
+        deployment.env["AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR"] = "True"
+    with socket.socket() as squatter:
+        squatter.bind(("", port))
+        squatter.listen()
+        line = _refused(_run(_safe(name), deployment.env), f"airflow-safe-{name}")
+    key = f"{name.replace('-', '_')}_health_check_server_port"
+    assert f"port {port}" in line and key in line and "already in use" in line
+
+
+@pytest.mark.parametrize("value, expect", [
+    ("http", "must be a port number"), ("0", "from 1 to 65535"), ("70000", "from 1 to 65535"),
+])
+def test_bad_liveness_endpoint_port_is_refused(home, value, expect):
+    env = dict(base_env(home), AIRFLOW__SAFE_SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT=value)
+    line = _refused(_run(SAFE, env))
+    assert "scheduler_health_check_server_port" in line and expect in line
+
+
 def test_dag_processor_refuses_what_stock_refuses(postgres, tmp_path):
     """2.x: not standalone -> refused as stock refuses it; 3.x: an unknown bundle."""
     deployment = Deployment(tmp_path / "airflow", postgres.url)

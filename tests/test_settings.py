@@ -30,11 +30,27 @@ def test_defaults():
 def test_config_then_cli_override():
     conf = FakeConf(shutdown_timeout="12", child_stop_timeout="2.5", stall_timeout="0", db_timeouts="False")
     assert load({}, conf) == Settings(12.0, 2.5, 0.0, False, 0.0, 7.5)
-    assert load({"shutdown_timeout": "40", "stall_timeout": "15"}, conf) == Settings(40.0, 2.5, 15.0, False, 0.0, 35.5)
+    assert load({"shutdown_timeout": "40", "stall_timeout": "15"}, conf) == Settings(
+        40.0, 2.5, 15.0, False, 0.0, 35.5, unhealthy_after=15.0)
 
 
 def test_stall_timeout_default_follows_the_health_check_threshold():
     assert load({}, FakeConf(health_threshold="45")).stall_timeout == 90.0
+
+
+def test_liveness_endpoint_settings():
+    assert load({}, FakeConf()).health_check_server_port == 8975
+    assert load({}, FakeConf(), component="dag-processor").health_check_server_port == 8977
+    conf = FakeConf(enable_health_check="False", health_check_server_host="127.0.0.1",
+                    triggerer_health_check_server_port="9000", scheduler_health_check_server_port="9001")
+    loaded = load({}, conf, component="triggerer")
+    assert (loaded.enable_health_check, loaded.health_check_server_host, loaded.health_check_server_port) == (
+        False, "127.0.0.1", 9000)
+    # 503 after the stall timeout; with the watchdog off, after the default one (twice Airflow's threshold)
+    assert load({"stall_timeout": "20"}, FakeConf()).unhealthy_after == 20.0
+    assert load({"stall_timeout": "0"}, FakeConf(health_threshold="45")).unhealthy_after == 90.0
+    with pytest.raises(UsageError, match="enable_health_check must be True or False"):
+        load({}, FakeConf(enable_health_check="maybe"))
 
 
 def test_bad_boolean():
