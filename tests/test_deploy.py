@@ -13,27 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-import jsonschema
 import psutil
 import pytest
 import yaml
 
 from conftest import base_env
 from procs import SchedulerProcess, TreeWatcher, alive, health_status, stop, wait_for
-from safe_scheduler import compat, watchdog
+from safe_scheduler import compat
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
-SCHEMA = REPO.parent / "shared" / "chart" / "values.schema.json"
 BIN = Path(sys.executable).parent
-
-
-def _leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
-    else:
-        yield prefix
 
 
 def _overlay() -> dict:
@@ -41,34 +31,10 @@ def _overlay() -> dict:
 
 
 def _overlay_env() -> dict[str, str]:
-    return {item["name"]: item["value"] for item in _overlay()["scheduler"]["env"]}
+    return {item["name"]: item["value"] for item in _overlay()["env"]}
 
 
-# -- Helm ------------------------------------------------------------------------------------------
-
-
-def test_overlay_validates_against_the_official_chart_schema():
-    jsonschema.validate(_overlay(), json.loads(SCHEMA.read_text()))
-
-
-def test_overlay_sets_exactly_the_described_keys():
-    assert set(_leaves(_overlay())) == {
-        "images.airflow.repository",
-        "images.airflow.tag",
-        "scheduler.args",
-        "scheduler.env",
-        "scheduler.terminationGracePeriodSeconds",
-    }
-    assert set(_overlay_env()) == {
-        "AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT",
-        "AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT",
-    }
-
-
-def test_grace_period_exceeds_our_deadline():
-    shutdown_timeout = float(_overlay_env()["AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT"])
-    grace = _overlay()["scheduler"]["terminationGracePeriodSeconds"]
-    assert grace > shutdown_timeout + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN
+# -- Helm (the rendered chart: test_chart.py) -----------------------------------------------------
 
 
 def test_overlay_args_and_env_run_the_safe_scheduler(deployment):

@@ -1,0 +1,295 @@
+"""The official Helm chart (1.18.0), rendered by a real helm with our overlay, checked by the
+Kubernetes API schemas, and each switched container run here as its pod would run it.
+
+No Kubernetes cluster is needed: helm renders offline (the chart and its PostgreSQL subchart are in
+``../shared/chart``), ``kubernetes-validate --strict`` checks every manifest, and the rendered
+container's args, env and probe run against real processes and a real PostgreSQL server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import HEALTH_PORTS, health_port_variable
+from procs import SchedulerProcess, wait_for
+from safe_scheduler import components, reaper, watchdog
+from test_components import prepare
+from test_faults import MARGIN
+
+REPO = Path(__file__).resolve().parent.parent
+OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
+PLUGIN = REPO / "helm" / "safe-probes"
+CHART = REPO.parent / "shared" / "chart" / "airflow-1.18.0"
+SCHEMA = REPO.parent / "shared" / "chart" / "values.schema.json"
+TOOLS = REPO / ".venv" / "tools" / "bin"
+BIN = Path(sys.executable).parent
+IMAGE = "registry.example.com/airflow-safe-scheduler"
+COMPONENTS = ("scheduler", "triggerer", "dag-processor")
+VALUES_KEY = {"scheduler": "scheduler", "triggerer": "triggerer", "dag-processor": "dagProcessor"}
+#: Kubernetes release the manifests are validated against (the chart supports 1.30 and newer).
+KUBERNETES = "1.33.0"
+
+
+def _tool(name: str) -> str:
+    path = TOOLS / name
+    assert path.exists(), f"{path} is missing: run scripts/k8s-tools (scripts/bootstrap --with-postgres runs it)"
+    return str(path)
+
+
+def overlay() -> dict:
+    return yaml.safe_load(OVERLAY.read_text())
+
+
+@pytest.fixture(scope="module")
+def helm_home(tmp_path_factory) -> dict[str, str]:
+    """A helm of its own (no ~/.config/helm touched) with the safe-probes plugin installed."""
+    home = tmp_path_factory.mktemp("helm")
+    env = dict(os.environ, HELM_DATA_HOME=str(home / "data"), HELM_CONFIG_HOME=str(home / "config"),
+               HELM_CACHE_HOME=str(home / "cache"))
+    env.pop("HELM_PLUGINS", None)
+    done = subprocess.run([_tool("helm"), "plugin", "install", str(PLUGIN)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return env
+
+
+def render(helm_home: dict[str, str], *args: str, post_renderer: bool = False, validate: bool = True) -> list[dict]:
+    cmd = [_tool("helm"), "template", "airflow", str(CHART), "-f", str(OVERLAY), *args]
+    if post_renderer:
+        cmd += ["--post-renderer", "safe-probes"]
+    done = subprocess.run(cmd, env=helm_home, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if validate:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as manifests:
+            manifests.write(done.stdout)
+            manifests.flush()
+            checked = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES,
+                                      manifests.name], capture_output=True, text=True, timeout=300)
+        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def workload(docs: list[dict], component: str) -> dict:
+    found = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+             and d["metadata"]["labels"].get("component") == component]
+    assert len(found) == 1, [d["metadata"]["name"] for d in found]
+    return found[0]
+
+
+def container(docs: list[dict], component: str) -> dict:
+    return next(c for c in workload(docs, component)["spec"]["template"]["spec"]["containers"] if c["name"] == component)
+
+
+def probe_target(probe: dict) -> tuple[int, str]:
+    """(port, path) the probe asks: httpGet, or the overlay's curl command."""
+    if "httpGet" in probe:
+        return int(probe["httpGet"]["port"]), probe["httpGet"]["path"]
+    command = probe["exec"]["command"]
+    assert command[0] == "curl", command
+    url = re.fullmatch(r"http://127\.0\.0\.1:(\d+)(/\S*)", command[-1])
+    return int(url.group(1)), url.group(2)
+
+
+def all_containers(docs: list[dict]):
+    for doc in docs:
+        spec = doc.get("spec", {})
+        pod = spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec")
+        if pod:
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                yield doc, c
+
+
+# -- the values file -------------------------------------------------------------------------------
+
+
+def test_overlay_validates_against_the_official_chart_schema():
+    jsonschema.validate(overlay(), json.loads(SCHEMA.read_text()))
+
+
+def test_overlay_sets_no_image_and_the_image_airflow_version():
+    """Every pod of a release applying the file as shipped can pull: the image is an explicit step."""
+    values = overlay()
+    assert "images" not in values
+    dockerfile = (REPO / "Dockerfile").read_text()
+    airflow = re.search(r"^ARG AIRFLOW_VERSION=(\S+)", dockerfile, flags=re.M).group(1)
+    assert values["airflowVersion"] == values["defaultAirflowTag"] == airflow
+
+
+def test_overlay_alone_renders_the_official_image(helm_home):
+    docs = render(helm_home)
+    images = {c["image"] for _, c in all_containers(docs)}
+    assert f"apache/airflow:{overlay()['airflowVersion']}" in images
+    assert not [i for i in images if "safe" in i], images
+
+
+# -- the rendered pods -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("post_renderer", [False, True], ids=["values-only", "post-rendered"])
+@pytest.mark.parametrize("executor, kinds", [
+    ("CeleryExecutor", {"scheduler": "Deployment", "triggerer": "StatefulSet", "dag-processor": "Deployment"}),
+    ("LocalExecutor", {"scheduler": "StatefulSet", "triggerer": "StatefulSet", "dag-processor": "Deployment"}),
+])
+def test_rendered_pods_run_our_commands_with_cheap_probes(helm_home, executor, kinds, post_renderer):
+    args = ["--set", f"images.airflow.repository={IMAGE}"]
+    if executor != "CeleryExecutor":  # the chart's default
+        args += ["--set", f"executor={executor}"]
+    docs = render(helm_home, *args, post_renderer=post_renderer)
+    version = overlay()["airflowVersion"]
+    for name in COMPONENTS:
+        pod = workload(docs, name)
+        assert pod["kind"] == kinds[name]
+        main = container(docs, name)
+        assert main["args"] == ["bash", "-c", f"exec airflow-safe-{name}"]
+        assert main["image"] == f"{IMAGE}:{version}"
+        env = {e["name"]: e.get("value") for e in main["env"]}
+        shutdown = float(env["AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT"])
+        assert float(env["AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT"]) <= shutdown
+        grace = pod["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > shutdown + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN + reaper.KILL_WAIT
+        probes = ["livenessProbe"] + (["startupProbe"] if name == "scheduler" else [])
+        for key in probes:
+            probe = main[key]
+            assert ("httpGet" in probe) == post_renderer and ("exec" in probe) != post_renderer, probe
+            assert probe_target(probe) == (HEALTH_PORTS[name], "/health")
+        assert "readinessProbe" not in main
+    # Every Airflow container of the release runs the one image, and no probe anywhere starts the CLI.
+    for doc, c in all_containers(docs):
+        if c["image"].split(":")[0].endswith("airflow") or "airflow-safe" in c["image"]:
+            assert c["image"] == f"{IMAGE}:{version}", (doc["metadata"]["name"], c["name"], c["image"])
+        if doc["metadata"]["labels"].get("component") in COMPONENTS:
+            for key in ("livenessProbe", "startupProbe", "readinessProbe"):
+                command = " ".join(c.get(key, {}).get("exec", {}).get("command", []))
+                assert "airflow" not in command and "python" not in command, (c["name"], key, command)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+#: What our code emits, one of each shape (metrics.py and its callers), for each component.
+METRICS = {
+    "stalls": ("airflow_safe_stalls", {}),
+    "seconds_since_heartbeat": ("airflow_safe_seconds_since_heartbeat", {}),
+    "shutdown_duration": ("airflow_safe_shutdown_duration", {}),
+    "children_killed": ("airflow_safe_children_killed", {}),
+    "tasks_stopped": ("airflow_safe_tasks_stopped", {}),
+    "tasks_killed": ("airflow_safe_tasks_killed", {}),
+    "forced_exits.deadline": ("airflow_safe_forced_exits", {"kind": "deadline"}),
+    "child_exited.serve_logs": ("airflow_safe_child_exited", {"child": "serve_logs"}),
+    "child_restarted.health_check": ("airflow_safe_child_restarted", {"child": "health_check"}),
+}
+
+
+def _glob_match(mapping: dict, metric: str) -> list[str] | None:
+    """statsd_exporter's glob mapping: ``*`` is one dot-separated part, captured as $1, $2, ..."""
+    if mapping.get("match_type", "glob") != "glob":
+        return None
+    pattern = "^" + r"\.".join("([^.]+)" if part == "*" else re.escape(part)
+                               for part in mapping["match"].split(".")) + "$"
+    found = re.match(pattern, metric)
+    return list(found.groups()) if found else None
+
+
+def _expand(template: str, groups: list[str]) -> str:
+    return re.sub(r"\$(\d+)", lambda m: groups[int(m.group(1)) - 1], template)
+
+
+def test_statsd_mappings_give_prometheus_names_and_labels(helm_home):
+    docs = render(helm_home, validate=False)
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and "mappings.yml" in d.get("data", {}))
+    mappings = yaml.safe_load(config["data"]["mappings.yml"])["mappings"]
+    ours = overlay()["statsd"]["extraMappings"]
+    assert all(m in mappings for m in ours)  # rendered into the exporter's config
+    for name in COMPONENTS:
+        component = name.replace("-", "_")
+        for metric, (prom, labels) in METRICS.items():
+            full = f"airflow.safe_{component}.{metric}"  # Airflow's default [metrics] statsd_prefix
+            matches = [(m, g) for m in mappings if (g := _glob_match(m, full)) is not None]
+            assert matches, f"{full} is not mapped"
+            mapping, groups = matches[0]  # the first match wins
+            assert mapping in ours, (full, mapping)
+            assert _expand(mapping["name"], groups) == prom
+            assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", prom)
+            got = {k: _expand(v, groups) for k, v in mapping.get("labels", {}).items()}
+            assert got == {"component": component, **labels}, (full, got)
+
+
+# -- each component as its pod runs it -------------------------------------------------------------
+
+
+def _http(port: int, path: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def _exec_probe(command: list[str], timeout: float) -> bool:
+    """The kubelet's exec probe: success is exit code 0 within the probe's timeout."""
+    try:
+        return subprocess.run(command, capture_output=True, timeout=timeout).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_component_runs_as_its_pod_and_its_probe_follows_it(helm_home, deployment, postgres, name):
+    """The rendered args and env, the rendered probe: passing while the job heartbeats, failing
+    within the stall threshold once every DB process is frozen, and the process gone after that."""
+    if not shutil.which("curl"):
+        pytest.fail("curl is needed: the overlay's exec probe runs it (as the official image has it)")
+    docs = render(helm_home, "--set", "executor=LocalExecutor", validate=False)
+    main = container(docs, name)
+    liveness = main["livenessProbe"]
+    plain = {e["name"]: e["value"] for e in main["env"] if "value" in e}
+    plain.pop("AIRFLOW_HOME")  # /opt/airflow in the image; here the test's own home
+    env = dict(deployment.env, **plain, PATH=f"{BIN}:{os.environ['PATH']}")
+    for component in HEALTH_PORTS:  # the pod's own ports: the defaults, as the probe expects them
+        env.pop(health_port_variable(component))
+    for key in ("AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK", "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC"):  # the other tests' settings, not the pod's
+        env.pop(key)
+    # What the secrets (valueFrom) give the pod is the test's: its database, its JWT secret (above).
+    # Only for time: Airflow's own "unhealthy after" for this job, 5 s, so the stall timeout is 10 s.
+    section, option = components.get(name).health_threshold
+    env[f"AIRFLOW__{section.upper()}__{option.upper()}"] = "5"
+    prepare(deployment, name)
+    env.update({k: v for k, v in deployment.env.items() if k == "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR"})
+    pod = SchedulerProcess(main["args"], env, deployment.home / f"pod-{name}.log", 0, reaped=True).start()
+    deployment.started.append(pod)
+
+    port, path = probe_target(liveness)
+    timeout = liveness["timeoutSeconds"]
+    wait_for(lambda: pod.popen.poll() is None and _exec_probe(liveness["exec"]["command"], timeout), 120,
+             interval=0.5, message=f"the {name}'s rendered probe to pass")
+    assert _http(port, path) == 200  # and as the post-rendered httpGet would ask
+    if name == "scheduler":
+        assert _exec_probe(main["startupProbe"]["exec"]["command"], timeout)
+
+    postgres.freeze()
+    frozen = time.monotonic()
+    wait_for(lambda: not _exec_probe(liveness["exec"]["command"], timeout), 10 + MARGIN, interval=0.5,
+             message="the probe to fail")
+    failed_after = time.monotonic() - frozen
+    assert failed_after < 10 + 3, f"the probe failed only {failed_after:.1f}s after the freeze"
+    postgres.thaw()
+    code = pod.wait_exit(30 + MARGIN)
+    assert code == 4, pod.log()[-4000:]  # hung: no heartbeat for the stall timeout
+    assert _http(port, path) is None
+    assert not pod.survivors_after(5.0)
