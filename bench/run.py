@@ -6,6 +6,10 @@ absolute time (this machine is noisy). Writes ``bench/results/latest.md`` and ``
 
     scripts/bench                 # full: 5 repetitions, 50 DAGs x 20 tasks
     scripts/bench --quick         # 1 repetition, small load: proves it works
+
+The liveness-probe rows compare the chart's own probe command (``airflow jobs check``, taken from the
+real chart rendered by helm) with ours (the overlay's curl, and the kubelet's httpGet), against the
+same live safe components; they need ``scripts/k8s-tools`` (helm).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
+import urllib.request
 import tempfile
 import textwrap
 import time
@@ -33,7 +39,7 @@ if "AIRFLOW_HOME" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
 
 import pg  # noqa: E402
-from conftest import PYTHON, Deployment, base_env  # noqa: E402
+from conftest import HEALTH_PORTS, PYTHON, Deployment, base_env  # noqa: E402
 from procs import stop, threads_of, wait_for  # noqa: E402
 from jobservice import JobService  # noqa: E402
 from test_components import heartbeating, prepare  # noqa: E402
@@ -130,6 +136,45 @@ class Bench:
             service.close()
             server.destroy()
 
+    # -- liveness probe cost --------------------------------------------------------------------
+
+    def probe_cost(self, component: str, cli_runs: int, curl_runs: int, http_runs: int) -> dict:
+        """CPU per liveness probe against one live safe component: the chart's command, our
+        overlay's curl (the probe process plus our endpoint's thread), and an httpGet as the kubelet
+        sends it (our endpoint's thread only: the kubelet's side is outside the pod)."""
+        stock_commands, our_commands = chart_probe(overlay=False), chart_probe(overlay=True)
+        dep, server = self.deployment()
+        try:
+            prepare(dep, component)
+            proc = dep.component(component)
+            wait_for(heartbeating(server, proc, component), 120, interval=0.5, message="a heartbeat")
+            env = dict(dep.env, PATH=f"{Path(PYTHON).parent}:{os.environ['PATH']}")
+            # Our endpoint on its default port, as the overlay's probe expects it (one component at a time).
+            port = dep.endpoint_port(component)
+            ours = [part.replace(f":{HEALTH_PORTS[component]}/", f":{port}/") for part in our_commands[component]]
+            cli = [_measured(stock_commands[component], env) for _ in range(cli_runs)]
+            if any(code != 0 for code, _, _ in cli):
+                raise RuntimeError(f"the chart's probe failed against a healthy {component}: {cli}")
+            server_cpu = lambda: sum(cpu for name, cpu in threads_of(proc.job_pid).values() if name == "safe-health")  # noqa: E731
+            before = server_cpu()
+            curl = [_measured(ours, env) for _ in range(curl_runs)]
+            if any(code != 0 for code, _, _ in curl):
+                raise RuntimeError(f"our probe failed against a healthy {component}: {curl[:3]}")
+            curl_server = (server_cpu() - before) / curl_runs
+            before = server_cpu()
+            for _ in range(http_runs):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    resp.read()
+            http_server = (server_cpu() - before) / http_runs
+            return {
+                "cli_cpu_s": statistics.median(c for _, c, _ in cli), "cli_rss_mb": max(r for _, _, r in cli),
+                "curl_cpu_s": statistics.median(c for _, c, _ in curl) + curl_server,
+                "curl_rss_mb": max(r for _, _, r in curl), "http_cpu_s": http_server,
+            }
+        finally:
+            dep.cleanup()
+            server.destroy()
+
     # -- overhead ------------------------------------------------------------------------------
 
     def startup(self, stock: bool) -> float:
@@ -222,6 +267,55 @@ def _gone(scheduler, started: float, limit: float) -> tuple[int | None, float | 
     return code, (took if code is not None and not scheduler.survivors() else None)
 
 
+def chart_probe(overlay: bool) -> dict[str, list[str]]:
+    """Each component's liveness probe command as the real chart renders it, stock or with our overlay.
+
+    The chart's command runs the image's ``/entrypoint``, which with ``CONNECTION_CHECK_MAX_COUNT=0``
+    only ``exec``s its arguments: here the arguments run directly.
+    """
+    helm = REPO / ".venv" / "tools" / "bin" / "helm"
+    if not helm.exists():
+        raise SystemExit(f"bench: {helm} is missing; run scripts/k8s-tools (or pass --no-probes)")
+    chart = REPO.parent / "shared" / "chart" / "airflow-1.18.0"
+    version = ["--set", "airflowVersion=3.3.2", "--set", "defaultAirflowTag=3.3.2"]
+    extra = ["-f", str(REPO / "helm" / "values-safe-scheduler.yaml")] if overlay else version
+    rendered = subprocess.run([str(helm), "template", "airflow", str(chart), *extra], capture_output=True,
+                              text=True, check=True, timeout=120).stdout
+    import yaml
+
+    found = {}
+    for doc in yaml.safe_load_all(rendered):
+        if doc and doc["kind"] in ("Deployment", "StatefulSet") and doc["metadata"]["labels"].get("component") in COMPONENTS:
+            main = doc["spec"]["template"]["spec"]["containers"][0]
+            command = main["livenessProbe"]["exec"]["command"]
+            found[doc["metadata"]["labels"]["component"]] = [part.replace("exec /entrypoint \\\n", "exec ") for part in command]
+    return found
+
+
+#: Runs one probe and reports its wait4 usage. A process's peak RSS (``ru_maxrss``) keeps the size of
+#: whatever it was before ``exec``, and a child of this process would report our own 120+ MB: so the
+#: probe is forked from this small helper (``-S``: no site packages), whose size is the floor (~9 MB).
+MEASURE = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    fd = os.open(os.devnull, os.O_RDWR)
+    for n in (0, 1, 2):
+        os.dup2(fd, n)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024]))
+"""
+
+
+def _measured(cmd: list[str], env: dict) -> tuple[int, float, float]:
+    """Exit code, CPU seconds (user + system) and peak RSS (MB) of one probe process."""
+    done = subprocess.run([sys.executable, "-S", "-c", MEASURE, *cmd], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, check=True)
+    code, cpu, rss = json.loads(done.stdout)
+    return code, cpu, rss
+
+
 def _cpu(procs: list[psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in procs)
 
@@ -273,7 +367,35 @@ def _tasks_table(stops: dict, limit: float) -> list[str]:
     return lines
 
 
-def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = None) -> str:
+#: The chart's liveness probe period for the three components (values.yaml: periodSeconds 60).
+PROBES_PER_HOUR = 3600 / 60
+
+
+def _probes_table(probes: dict) -> list[str]:
+    lines = ["", "## Liveness probe cost (medians; per probe and per hour for the three components at the "
+             "chart's period, 60 s)", "",
+             "The chart's probe is `airflow jobs check` as the chart renders it; ours is the overlay's curl "
+             "(the probe process plus our endpoint's thread) and the kubelet's httpGet with the safe-probes "
+             "post-renderer (our endpoint's thread only).", "",
+             "| component | probe | CPU s per probe | peak RSS of the probe process (MB) | ratio to the chart's probe |",
+             "| --- | --- | --- | --- | --- |"]
+    hourly = {"cli": 0.0, "curl": 0.0, "http": 0.0}
+    for component, runs in probes.items():
+        row = {key: statistics.median(r[f"{key}_cpu_s"] for r in runs) for key in hourly}
+        for key, label in (("cli", "chart's `airflow jobs check`"), ("curl", "ours, exec curl"), ("http", "ours, httpGet")):
+            rss = f"{max(r[f'{key}_rss_mb'] for r in runs):.0f}" if key != "http" else "(no process)"
+            lines.append(f"| {component} | {label} | {row[key]:.4g} | {rss} | {row[key] / row['cli']:.5f} |")
+            hourly[key] += row[key] * PROBES_PER_HOUR
+    lines += ["", f"Per hour, {', '.join(probes)}: the chart's probes {hourly['cli']:.1f} CPU-s "
+              f"({hourly['cli'] / 36:.2f} % of a core); ours with curl {hourly['curl']:.3f} CPU-s "
+              f"(ratio {hourly['curl'] / hourly['cli']:.5f}); ours with httpGet {hourly['http']:.4f} CPU-s "
+              f"(ratio {hourly['http'] / hourly['cli']:.6f}). The scheduler's startup probe (every 10 s "
+              "until it passes) comes on top, once per start."]
+    return lines
+
+
+def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = None,
+           probes: dict | None = None) -> str:
     import airflow
 
     lines = [
@@ -311,6 +433,8 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
         lines.append("| " + " | ".join(row) + " |")
     if stops:
         lines += _tasks_table(stops, args.limit)
+    if probes:
+        lines += _probes_table(probes)
     if overhead:
         lines += ["", "## Overhead on a healthy scheduler (medians; ratio = safe / stock)", "",
                   "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
@@ -327,7 +451,8 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
     text = "\n".join(lines) + "\n"
     (out / "latest.md").write_text(text)
     (out / "latest.json").write_text(
-        json.dumps({"faults": faults, "overhead": overhead, "stop_with_tasks": stops}, indent=1, default=str)
+        json.dumps({"faults": faults, "overhead": overhead, "stop_with_tasks": stops, "probes": probes},
+                   indent=1, default=str)
     )
     return text
 
@@ -368,6 +493,7 @@ def main() -> int:
                         help="whose fault to exit to measure (default: all three)")
     parser.add_argument("--tasks", type=int, nargs="*", default=None,
                         help="stop with N tasks running, for each N (default 1 16; quick: 1; none: skip)")
+    parser.add_argument("--no-probes", action="store_true", help="skip the liveness probe cost")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.reps = args.reps or (1 if args.quick else 5)
@@ -399,6 +525,13 @@ def main() -> int:
                         result = bench.stop_with_tasks(tasks, fault, kind == "stock", args.limit)
                         stops[name][kind].append(result)
                         print(f"{name} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
+        probes: dict = {}
+        for component in [] if args.no_probes else COMPONENTS:
+            cli_runs, curl_runs = (3, 100) if args.quick else (10, 300)
+            for rep in range(args.reps):
+                result = bench.probe_cost(component, cli_runs, curl_runs, 1000)
+                probes.setdefault(component, []).append(result)
+                print(f"probe cost, {component} [{rep + 1}/{args.reps}]: {result}", flush=True)
         overhead: dict = {}
         if not args.no_overhead:
             import airflow
@@ -425,7 +558,7 @@ def main() -> int:
                 rows[measure] = (statistics.median(samples["stock"][measure]), statistics.median(samples["safe"][measure]))
             overhead = {"airflow": airflow.__version__, "rows": rows,
                         "samples": {m: {k: samples[k][m] for k in samples} for m in samples["stock"]}}
-        print(report(faults, overhead, args, args.out, stops))
+        print(report(faults, overhead, args, args.out, stops, probes))
         if faults:
             chart(faults, args.limit, args.out)
     finally:

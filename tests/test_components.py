@@ -22,7 +22,7 @@ from test_hung import statsd  # noqa: F401 - a fixture
 pytestmark = pytest.mark.all_versions
 
 COMPONENTS = ["triggerer", "dag-processor"]
-JOB_TYPE = {"triggerer": "TriggererJob", "dag-processor": "DagProcessorJob"}
+JOB_TYPE = {"scheduler": "SchedulerJob", "triggerer": "TriggererJob", "dag-processor": "DagProcessorJob"}
 
 # ``[logging] logging_config_class`` with a log-shipping handler, as users configure one: the handler
 # keeps a non-daemon thread for its batches. Airflow loads it in every component.

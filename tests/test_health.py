@@ -17,10 +17,9 @@ import urllib.request
 import pytest
 
 from procs import wait_for
-from test_components import JOB_TYPE, started
+from test_components import started
 from test_faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans
 
-JOB_TYPE.setdefault("scheduler", "SchedulerJob")
 
 
 def probe(port: int, path: str = "/health", method: str = "GET") -> tuple[int | None, dict, dict]:
