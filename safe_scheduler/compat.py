@@ -206,6 +206,16 @@ def executors(job_runner: Any) -> list[Any]:
     return list(found)
 
 
+def celery_broker_url() -> str:
+    """``[celery] broker_url``, or "" (the key comes with the Celery provider)."""
+    from airflow.configuration import conf
+
+    try:
+        return conf.get("celery", "broker_url", fallback="") or ""
+    except Exception:  # noqa: BLE001 - a secret backend's failure is the executor's to report
+        return ""
+
+
 def executor_worker_pids(executors: list[Any]) -> set[int]:
     """The processes in which the executors run tasks on this host: each task is a child of one.
 

@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from safe_scheduler import (
-    children, compat, dbtimeouts, forkhook, healthserver, metrics, output, signals, systemd, taskstop, tree,
+    brokerhold, children, compat, dbtimeouts, forkhook, healthserver, metrics, output, signals, systemd, taskstop,
+    tree,
 )
 from safe_scheduler.component import Component
 from safe_scheduler.settings import Settings
@@ -90,6 +91,8 @@ def _run_job(
     # with no bound (and Celery's may wait on its broker): that is already shutdown.
     for executor in executors:
         executor.end = _end_within_deadline(shutdown, tasks, executor.end, after_tasks)
+        if brokerhold.install(executor, compat.celery_broker_url()):
+            log.info("Celery sends are held while the broker does not answer (brokerhold)")
 
     servers = [(server.name, server.target) for server in component.servers(args)]
     with children.running(servers, settings.child_stop_timeout, shutdown.remaining) as started:

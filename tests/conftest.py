@@ -174,6 +174,11 @@ class Deployment:
         self.airflow("dag-processor")
         wait_for(lambda: http_status(api + "health") == 200, 180, interval=0.5, message="the api-server")
 
+    def start_worker(self, concurrency: int = 4) -> SchedulerProcess:
+        """A real Celery worker for this deployment (from Airflow 3 it runs tasks through the
+        execution API: ``start_task_services`` first)."""
+        return self.airflow("celery", "worker", "--concurrency", str(concurrency))
+
     def cleanup(self) -> None:
         for proc in self.started:
             proc.cleanup()
@@ -184,6 +189,22 @@ def deployment(postgres, tmp_path: Path):
     dep = Deployment(tmp_path / "airflow", postgres.url)
     yield dep
     dep.cleanup()
+
+
+@pytest.fixture
+def celery_deployment(postgres, tmp_path: Path):
+    """A deployment on CeleryExecutor: its own Redis broker (Debian's redis-server, a free port)
+    and, once ``start_worker`` is called, a real ``airflow celery worker``."""
+    from broker import RedisServer
+
+    redis = RedisServer(tmp_path / "redis").start()
+    dep = Deployment(tmp_path / "airflow", postgres.url)
+    dep.redis = redis
+    # Only what CeleryExecutor needs to find its broker; results go to the metadata DB by default.
+    dep.env.update(AIRFLOW__CORE__EXECUTOR="CeleryExecutor", AIRFLOW__CELERY__BROKER_URL=redis.url)
+    yield dep
+    dep.cleanup()
+    redis.stop()
 
 
 @pytest.fixture
