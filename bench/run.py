@@ -45,6 +45,8 @@ from jobservice import JobService  # noqa: E402
 from test_components import heartbeating, prepare  # noqa: E402
 from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN  # noqa: E402
 from test_running_tasks import write_dag  # noqa: E402
+from broker import RedisServer  # noqa: E402
+from test_celery import busy, failed, succeeded  # noqa: E402
 
 SAFE_ARGS = ["--shutdown-timeout", "10", "--child-stop-timeout", "3", "--stall-timeout", "10"]
 
@@ -134,6 +136,41 @@ class Bench:
         finally:
             dep.cleanup()
             service.close()
+            server.destroy()
+
+    # -- CeleryExecutor ------------------------------------------------------------------------
+
+    def celery(self, stock: bool, warmup: float, window: float, outage: float) -> dict:
+        """Under a busy load through a real Redis and ``airflow celery worker``: task instances per
+        second, the scheduler's CPU per 1000 of them, then the broker stopped for ``outage`` seconds
+        and the seconds from its return to the next successful task instance (and how many task
+        instances failed meanwhile)."""
+        dep, server = self.deployment()
+        redis = RedisServer(dep.home.parent / "redis").start()
+        try:
+            dep.env.update(AIRFLOW__CORE__EXECUTOR="CeleryExecutor", AIRFLOW__CELERY__BROKER_URL=redis.url)
+            dep.redis = redis
+            busy(dep, dags=4, tasks=4, seconds=0.5)
+            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
+            scheduler.wait_healthy(180)
+            wait_for(lambda: succeeded(server) >= 4, 300, interval=1, message="tasks through the worker")
+            proc = psutil.Process(scheduler.job_pid)
+            time.sleep(warmup)  # steady state first: the measurement window starts after this
+            first, cpu = succeeded(server), sum(proc.cpu_times()[:2])
+            time.sleep(window)  # the measurement window
+            done, cpu = succeeded(server) - first, sum(proc.cpu_times()[:2]) - cpu
+            failed_before = failed(server)
+            redis.stop()
+            time.sleep(outage)  # the outage itself
+            before = succeeded(server)
+            redis.start()
+            back = time.monotonic()
+            wait_for(lambda: succeeded(server) > before, 300, interval=0.2, message="a success after the outage")
+            return {"tis_per_s": done / window, "cpu_s_per_1000": cpu * 1000 / max(done, 1),
+                    "recovery_s": time.monotonic() - back, "failed_in_outage": failed(server) - failed_before}
+        finally:
+            dep.cleanup()
+            redis.stop()
             server.destroy()
 
     # -- liveness probe cost --------------------------------------------------------------------
@@ -371,6 +408,22 @@ def _tasks_table(stops: dict, limit: float) -> list[str]:
 PROBES_PER_HOUR = 3600 / 60
 
 
+def _celery_table(celery: dict) -> list[str]:
+    lines = ["", "## CeleryExecutor (a real Redis broker and `airflow celery worker`, 4 DAGs x 4 tasks of 0.5 s; "
+             "medians; ratio = safe / stock)", "", "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
+    for key, label in (("tis_per_s", "throughput (TIs/s)"), ("cpu_s_per_1000", "scheduler CPU per 1000 TIs (s)"),
+                       ("recovery_s", "broker back → next successful TI (s)"),
+                       ("failed_in_outage", "task instances failed during the broker outage")):
+        stock = statistics.median(r[key] for r in celery["stock"])
+        safe = statistics.median(r[key] for r in celery["safe"])
+        ratio = f"{safe / stock:.3f}" if stock else "(stock: 0)"
+        lines.append(f"| {label} | {stock:.3g} | {safe:.3g} | {ratio} |")
+    lines += ["", "Every sample (stock; safe): " + "; ".join(
+        f"{k}: {[round(r[k], 3) for r in celery['stock']]} / {[round(r[k], 3) for r in celery['safe']]}"
+        for k in celery["stock"][0])]
+    return lines
+
+
 def _probes_table(probes: dict) -> list[str]:
     lines = ["", "## Liveness probe cost (medians; per probe and per hour for the three components at the "
              "chart's period, 60 s)", "",
@@ -395,7 +448,7 @@ def _probes_table(probes: dict) -> list[str]:
 
 
 def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = None,
-           probes: dict | None = None) -> str:
+           probes: dict | None = None, celery: dict | None = None) -> str:
     import airflow
 
     lines = [
@@ -435,6 +488,8 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
         lines += _tasks_table(stops, args.limit)
     if probes:
         lines += _probes_table(probes)
+    if celery:
+        lines += _celery_table(celery)
     if overhead:
         lines += ["", "## Overhead on a healthy scheduler (medians; ratio = safe / stock)", "",
                   "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
@@ -451,7 +506,8 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
     text = "\n".join(lines) + "\n"
     (out / "latest.md").write_text(text)
     (out / "latest.json").write_text(
-        json.dumps({"faults": faults, "overhead": overhead, "stop_with_tasks": stops, "probes": probes},
+        json.dumps({"faults": faults, "overhead": overhead, "stop_with_tasks": stops, "probes": probes,
+                    "celery": celery},
                    indent=1, default=str)
     )
     return text
@@ -494,6 +550,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, nargs="*", default=None,
                         help="stop with N tasks running, for each N (default 1 16; quick: 1; none: skip)")
     parser.add_argument("--no-probes", action="store_true", help="skip the liveness probe cost")
+    parser.add_argument("--no-celery", action="store_true", help="skip the CeleryExecutor run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.reps = args.reps or (1 if args.quick else 5)
@@ -532,6 +589,14 @@ def main() -> int:
                 result = bench.probe_cost(component, cli_runs, curl_runs, 1000)
                 probes.setdefault(component, []).append(result)
                 print(f"probe cost, {component} [{rep + 1}/{args.reps}]: {result}", flush=True)
+        celery: dict = {}
+        if not args.no_celery:
+            warmup, window, outage = (10, 30, 15) if args.quick else (20, 60, 20)
+            for rep in range(args.reps):
+                for kind in ("stock", "safe"):
+                    result = bench.celery(kind == "stock", warmup, window, outage)
+                    celery.setdefault(kind, []).append(result)
+                    print(f"celery [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
         overhead: dict = {}
         if not args.no_overhead:
             import airflow
@@ -558,7 +623,7 @@ def main() -> int:
                 rows[measure] = (statistics.median(samples["stock"][measure]), statistics.median(samples["safe"][measure]))
             overhead = {"airflow": airflow.__version__, "rows": rows,
                         "samples": {m: {k: samples[k][m] for k in samples} for m in samples["stock"]}}
-        print(report(faults, overhead, args, args.out, stops, probes))
+        print(report(faults, overhead, args, args.out, stops, probes, celery))
         if faults:
             chart(faults, args.limit, args.out)
     finally:

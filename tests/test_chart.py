@@ -187,6 +187,7 @@ METRICS = {
     "children_killed": ("airflow_safe_children_killed", {}),
     "tasks_stopped": ("airflow_safe_tasks_stopped", {}),
     "tasks_killed": ("airflow_safe_tasks_killed", {}),
+    "broker_unreachable": ("airflow_safe_broker_unreachable", {}),
     "forced_exits.deadline": ("airflow_safe_forced_exits", {"kind": "deadline"}),
     "child_exited.serve_logs": ("airflow_safe_child_exited", {"child": "serve_logs"}),
     "child_restarted.health_check": ("airflow_safe_child_restarted", {"child": "health_check"}),
