@@ -95,7 +95,7 @@ def safe_scheduler(dep, postgres, *args: str, stock: bool = False, **env: str):
     return proc
 
 
-def working(postgres, proc, at_least: int, timeout: float = 240) -> int:
+def working(postgres, proc, at_least: int, timeout: float = 360) -> int:
     """Until ``at_least`` task instances have succeeded (through the worker) under ``proc``."""
 
     def enough() -> int | bool:
@@ -104,7 +104,13 @@ def working(postgres, proc, at_least: int, timeout: float = 240) -> int:
         done = succeeded(postgres)
         return done if done >= at_least else False
 
-    return wait_for(enough, timeout, interval=1, message=f"{at_least} task instances to succeed")
+    try:
+        return wait_for(enough, timeout, interval=1, message=f"{at_least} task instances to succeed")
+    except AssertionError as exc:
+        states = postgres.execute("SELECT state, count(*) FROM task_instance GROUP BY state")
+        worker = proc.log_path.parent / "celery.log"
+        raise AssertionError(f"{exc}; task instances by state: {states}\nscheduler:\n{proc.log()[-3000:]}\n"
+                             f"worker:\n{worker.read_text(errors='replace')[-3000:] if worker.exists() else '(none)'}") from None
 
 
 def heartbeat_age(postgres) -> float:

@@ -185,7 +185,7 @@ def test_double_sigterm_cancels_once(run_task, service):
     run.popen.send_signal(signal.SIGTERM)
     wait_for(lambda: service.count("/events/on_kill/wait") == 1, 30, message="the first SIGTERM handled")
     run.popen.send_signal(signal.SIGTERM)
-    run.finish(60)
+    run.finish(120)  # a loaded CI machine took more than 60 s once (the process is not ours: Airflow's task runner)
     assert service.count("/jobs/1/cancel") == 1
     assert service.count("/events/on_kill/wait") == 2  # Airflow's handler saw both signals
     assert run.state() == "failed"
