@@ -87,11 +87,18 @@ class on_termination(contextlib.ContextDecorator):  # noqa: N801 - reads as a ph
 
     def run_cleanups(self, why: str) -> None:
         """Run every registered cleanup once, last added first, each bounded by the timeout."""
-        with self._lock:
+        # Never wait for the lock: a second signal runs this handler again in the same thread, on
+        # top of the first, and a blocking acquire there would deadlock. Whoever holds it is the one
+        # running the cleanups.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if self._ran:
                 return
             self._ran = True
             cleanups = list(reversed(self._cleanups))
+        finally:
+            self._lock.release()
         if cleanups:
             log.warning("Task stopped (%s): running %d cleanup(s)", why, len(cleanups))
         for name, cleanup in cleanups:
