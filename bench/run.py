@@ -148,8 +148,7 @@ class Bench:
         dep, server = self.deployment()
         redis = RedisServer(dep.home.parent / "redis").start()
         try:
-            dep.env.update(AIRFLOW__CORE__EXECUTOR="CeleryExecutor", AIRFLOW__CELERY__BROKER_URL=redis.url)
-            dep.redis = redis
+            dep.use_celery(redis)
             busy(dep, dags=4, tasks=4, seconds=0.5)
             scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
             scheduler.wait_healthy(180)
@@ -332,23 +331,12 @@ def chart_probe(overlay: bool) -> dict[str, list[str]]:
     The chart's command runs the image's ``/entrypoint``, which with ``CONNECTION_CHECK_MAX_COUNT=0``
     only ``exec``s its arguments: here the arguments run directly.
     """
-    helm = REPO / ".venv" / "tools" / "bin" / "helm"
-    if not helm.exists():
-        raise SystemExit(f"bench: {helm} is missing; run scripts/k8s-tools (or pass --no-probes)")
-    chart = REPO.parent / "shared" / "chart" / "airflow-1.18.0"
-    version = ["--set", "airflowVersion=3.3.2", "--set", "defaultAirflowTag=3.3.2"]
-    extra = ["-f", str(REPO / "helm" / "values-safe-scheduler.yaml")] if overlay else version
-    rendered = subprocess.run([str(helm), "template", "airflow", str(chart), *extra], capture_output=True,
-                              text=True, check=True, timeout=120).stdout
-    import yaml
+    from test_chart import container, render
 
-    found = {}
-    for doc in yaml.safe_load_all(rendered):
-        if doc and doc["kind"] in ("Deployment", "StatefulSet") and doc["metadata"]["labels"].get("component") in COMPONENTS:
-            main = doc["spec"]["template"]["spec"]["containers"][0]
-            command = main["livenessProbe"]["exec"]["command"]
-            found[doc["metadata"]["labels"]["component"]] = [part.replace("exec /entrypoint \\\n", "exec ") for part in command]
-    return found
+    version = [] if overlay else ["--set", "airflowVersion=3.3.2", "--set", "defaultAirflowTag=3.3.2"]
+    docs = render(dict(os.environ), *version, overlay=overlay, validate=False)
+    return {name: [part.replace("exec /entrypoint \\\n", "exec ") for part in
+                   container(docs, name)["livenessProbe"]["exec"]["command"]] for name in COMPONENTS}
 
 
 #: Runs one probe and reports its wait4 usage. A process's peak RSS (``ru_maxrss``) keeps the size of

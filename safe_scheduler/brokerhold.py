@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from safe_scheduler import metrics
+from safe_scheduler import compat, metrics
 
 log = logging.getLogger("safe_scheduler.brokerhold")
 
@@ -56,10 +56,13 @@ class Broker:
         return True
 
 
-def install(executor: Any, broker_url: str) -> bool:
+def install(executor: Any) -> bool:
     """Wrap ``executor.trigger_tasks`` (the one place both Airflow 2 and 3 send from); False if
-    this executor or broker is not one we hold for."""
-    if type(executor).__name__ != "CeleryExecutor" or not broker_url.startswith(("redis://", "rediss://")):
+    this executor or its broker is not one we hold for."""
+    if type(executor).__name__ != "CeleryExecutor":
+        return False
+    broker_url = compat.celery_broker_url()
+    if not broker_url.startswith(("redis://", "rediss://")):
         return False
     try:
         broker = Broker(broker_url)
@@ -75,4 +78,5 @@ def install(executor: Any, broker_url: str) -> bool:
         return trigger_tasks(*args, **kwargs)
 
     executor.trigger_tasks = trigger_tasks_while_the_broker_answers
+    log.info("Celery sends are held while the broker does not answer")
     return True

@@ -136,7 +136,7 @@ def _prepare(name: str, argv: list[str] | None):
     for server in component.servers(args):
         preflight.check_port_free(server.host, server.port, server.key)
     if config.enable_health_check:
-        key = f"[{settings.SECTION}] {component.name.replace('-', '_')}_health_check_server_port"
+        key = f"[{settings.SECTION}] {settings.health_port_key(component.name)}"
         preflight.check_port_free(config.health_check_server_host, config.health_check_server_port, key)
     return component, args, config
 

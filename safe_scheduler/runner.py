@@ -91,8 +91,7 @@ def _run_job(
     # with no bound (and Celery's may wait on its broker): that is already shutdown.
     for executor in executors:
         executor.end = _end_within_deadline(shutdown, tasks, executor.end, after_tasks)
-        if brokerhold.install(executor, compat.celery_broker_url()):
-            log.info("Celery sends are held while the broker does not answer (brokerhold)")
+        brokerhold.install(executor)
 
     servers = [(server.name, server.target) for server in component.servers(args)]
     with children.running(servers, settings.child_stop_timeout, shutdown.remaining) as started:

@@ -78,6 +78,11 @@ def _boolean(raw: object, name: str) -> bool:
     raise UsageError(f"{name} must be True or False, got {raw!r}")
 
 
+def health_port_key(component: str) -> str:
+    """The ``[safe_scheduler]`` key of ``component``'s liveness endpoint port."""
+    return f"{component.replace('-', '_')}_health_check_server_port"
+
+
 def _port(raw: object, name: str) -> int:
     try:
         port = int(str(raw).strip())
@@ -112,8 +117,8 @@ def load(
         if cli_value is not None:
             raw, name = cli_value, "--" + key.replace("_", "-")
         else:
-            raw = conf.get(SECTION, key, fallback=None)
-            raw = default if raw is None or str(raw).strip() == "" else raw
+            raw = _setting(conf, key)
+            raw = default if raw is None else raw
             name = f"[{SECTION}] {key}"
         if key == "task_cleanup_timeout" and raw is None:
             continue  # derived below, from what the other timeouts leave
@@ -138,7 +143,7 @@ def load(
         )
     db_timeouts = _setting(conf, "db_timeouts")
     enable_health_check = _setting(conf, "enable_health_check")
-    port_key = f"{component.replace('-', '_')}_health_check_server_port"
+    port_key = health_port_key(component)
     port = _setting(conf, port_key)
     return Settings(
         **values,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pg  # noqa: E402
 from procs import SchedulerProcess, http_status, wait_for  # noqa: E402
 
-from safe_scheduler.settings import HEALTH_PORTS  # noqa: E402
+from safe_scheduler.settings import HEALTH_PORTS, health_port_key  # noqa: E402
 
 ROOT_ENV = "SAFE_SCHEDULER_TEST_ROOT"
 PYTHON = sys.executable
@@ -69,7 +69,7 @@ def base_env(home: Path) -> dict:
 
 def health_port_variable(name: str) -> str:
     """The environment variable that sets ``airflow-safe-<name>``'s liveness endpoint port."""
-    return f"AIRFLOW__SAFE_SCHEDULER__{name.replace('-', '_').upper()}_HEALTH_CHECK_SERVER_PORT"
+    return f"AIRFLOW__SAFE_SCHEDULER__{health_port_key(name).upper()}"
 
 
 @pytest.fixture(scope="session")
@@ -174,6 +174,12 @@ class Deployment:
         self.airflow("dag-processor")
         wait_for(lambda: http_status(api + "health") == 200, 180, interval=0.5, message="the api-server")
 
+    def use_celery(self, redis) -> None:
+        """CeleryExecutor on ``redis`` (a ``broker.RedisServer``): only what it needs to find its
+        broker; results go to the metadata DB by default."""
+        self.redis = redis
+        self.env.update(AIRFLOW__CORE__EXECUTOR="CeleryExecutor", AIRFLOW__CELERY__BROKER_URL=redis.url)
+
     def start_worker(self, concurrency: int = 4) -> SchedulerProcess:
         """A real Celery worker for this deployment (from Airflow 3 it runs tasks through the
         execution API: ``start_task_services`` first)."""
@@ -199,9 +205,7 @@ def celery_deployment(postgres, tmp_path: Path):
 
     redis = RedisServer(tmp_path / "redis").start()
     dep = Deployment(tmp_path / "airflow", postgres.url)
-    dep.redis = redis
-    # Only what CeleryExecutor needs to find its broker; results go to the metadata DB by default.
-    dep.env.update(AIRFLOW__CORE__EXECUTOR="CeleryExecutor", AIRFLOW__CELERY__BROKER_URL=redis.url)
+    dep.use_celery(redis)
     yield dep
     dep.cleanup()
     redis.stop()

@@ -89,7 +89,11 @@ def succeeded(postgres) -> int:
     return postgres.execute("SELECT count(*) FROM task_instance WHERE state = 'success'")[0][0]
 
 
-def safe_scheduler(dep, postgres, *args: str, stock: bool = False, **env: str):
+def failed(postgres) -> int:
+    return postgres.execute("SELECT count(*) FROM task_instance WHERE state = 'failed'")[0][0]
+
+
+def scheduler_up(dep, *args: str, stock: bool = False, **env: str):
     proc = dep.scheduler(*args, stock=stock, **env)
     proc.wait_healthy(180)
     return proc
@@ -124,7 +128,7 @@ def heartbeat_age(postgres) -> float:
 
 def test_tasks_run_end_to_end_once_each_and_sigterm_is_clean(celery_deployment, postgres):
     marks = busy(celery_deployment)
-    proc = safe_scheduler(celery_deployment, postgres)
+    proc = scheduler_up(celery_deployment)
     working(postgres, proc, 8)
     assert starts(marks) >= 8
     sent = proc.signal(signal.SIGTERM)
@@ -142,7 +146,7 @@ def test_db_faults_end_the_scheduler_in_time(celery_deployment, postgres, fault)
     if fault == "db-stop-with-thread":
         celery_deployment.add_plugin("leaky_thread", LEAKY_THREAD_PLUGIN)
     marks = busy(celery_deployment)
-    proc = safe_scheduler(celery_deployment, postgres, "--shutdown-timeout", "15", "--stall-timeout", "10")
+    proc = scheduler_up(celery_deployment, "--shutdown-timeout", "15", "--stall-timeout", "10")
     working(postgres, proc, 4)
 
     if fault == "db-frozen":
@@ -166,7 +170,7 @@ def test_sigkill_while_sending_leaves_nothing(celery_deployment, postgres, targe
     default sends from the main thread), killed in the middle of sending."""
     celery_deployment.env["AIRFLOW__CELERY__SYNC_PARALLELISM"] = "4"
     marks = busy(celery_deployment, dags=4, tasks=4)
-    proc = safe_scheduler(celery_deployment, postgres, "--shutdown-timeout", "10")
+    proc = scheduler_up(celery_deployment, "--shutdown-timeout", "10")
     working(postgres, proc, 4)
     servers = {p.pid for p in proc.below_job()}  # Airflow's health check; no serve-logs under Celery
     # The pool's processes live for one batch of sends: the kill lands while one is there.
@@ -188,7 +192,7 @@ def test_broker_frozen_never_hangs_the_scheduler(celery_deployment, postgres):
     on) or is ended by its stall watchdog within stall_timeout + shutdown_timeout. Measured: it
     keeps heartbeating, each loop slowed by the sends that wait out ``[celery] operation_timeout``."""
     marks = busy(celery_deployment)
-    proc = safe_scheduler(celery_deployment, postgres, "--stall-timeout", "30", "--shutdown-timeout", "10")
+    proc = scheduler_up(celery_deployment, "--stall-timeout", "30", "--shutdown-timeout", "10")
     working(postgres, proc, 4)
     celery_deployment.redis.freeze()
     frozen = time.monotonic()
@@ -206,16 +210,12 @@ def test_broker_frozen_never_hangs_the_scheduler(celery_deployment, postgres):
     assert not overlaps(marks)
 
 
-def failed(postgres) -> int:
-    return postgres.execute("SELECT count(*) FROM task_instance WHERE state = 'failed'")[0][0]
-
-
 @pytest.mark.parametrize("stock", [True, False], ids=["stock", "safe"])
 def test_broker_stopped_then_back_runs_what_became_ready(celery_deployment, postgres, stock):
     """Stock Airflow fails every task instance it could not send during the outage; ours holds
     them, QUEUED, and sends them once the broker answers again."""
     marks = busy(celery_deployment)
-    proc = safe_scheduler(celery_deployment, postgres, stock=stock)
+    proc = scheduler_up(celery_deployment, stock=stock)
     working(postgres, proc, 4)
     redis = celery_deployment.redis
     redis.stop()

@@ -16,8 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -25,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import HEALTH_PORTS, health_port_variable
-from procs import SchedulerProcess, wait_for
+from procs import SchedulerProcess, http_status, wait_for
 from safe_scheduler import components, reaper, watchdog
 from test_components import prepare
 from test_faults import MARGIN
@@ -67,8 +65,10 @@ def helm_home(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-def render(helm_home: dict[str, str], *args: str, post_renderer: bool = False, validate: bool = True) -> list[dict]:
-    cmd = [_tool("helm"), "template", "airflow", str(CHART), "-f", str(OVERLAY), *args]
+def render(helm_home: dict[str, str], *args: str, overlay: bool = True, post_renderer: bool = False,
+           validate: bool = True) -> list[dict]:
+    """The chart rendered by helm (with our overlay, unless ``overlay`` is False), as documents."""
+    cmd = [_tool("helm"), "template", "airflow", str(CHART), *(["-f", str(OVERLAY)] if overlay else []), *args]
     if post_renderer:
         cmd += ["--post-renderer", "safe-probes"]
     done = subprocess.run(cmd, env=helm_home, capture_output=True, text=True, timeout=120)
@@ -232,13 +232,7 @@ def test_statsd_mappings_give_prometheus_names_and_labels(helm_home):
 
 
 def _http(port: int, path: str) -> int | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
+    return http_status(f"http://127.0.0.1:{port}{path}")
 
 
 def _exec_probe(command: list[str], timeout: float) -> bool:
