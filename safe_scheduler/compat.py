@@ -73,6 +73,10 @@ def run_with_daemon_option(
     try:
         from airflow.cli.commands.daemon_utils import run_command_with_daemon_option
     except ImportError:
+        run_command_with_daemon_option = None
+    if run_command_with_daemon_option is None:
+        # Outside the ``except`` block: every exception of the job would otherwise carry this
+        # ImportError as its context, and the exit code and the log line follow the context's root.
         _run_with_daemon_option_inline(args, callback, process_name)
         return
     run_command_with_daemon_option(
