@@ -46,7 +46,7 @@ from test_components import heartbeating, prepare  # noqa: E402
 from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN  # noqa: E402
 from test_running_tasks import write_dag  # noqa: E402
 from broker import RedisServer  # noqa: E402
-from test_celery import busy, failed, succeeded  # noqa: E402
+from test_celery import busy, failed, scheduler_up, succeeded  # noqa: E402
 
 SAFE_ARGS = ["--shutdown-timeout", "10", "--child-stop-timeout", "3", "--stall-timeout", "10"]
 
@@ -150,8 +150,7 @@ class Bench:
         try:
             dep.use_celery(redis)
             busy(dep, dags=4, tasks=4, seconds=0.5)
-            scheduler = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
-            scheduler.wait_healthy(180)
+            scheduler = scheduler_up(dep, server, *([] if stock else SAFE_ARGS), stock=stock)
             wait_for(lambda: succeeded(server) >= 4, 300, interval=1, message="tasks through the worker")
             proc = psutil.Process(scheduler.job_pid)
             time.sleep(warmup)  # steady state first: the measurement window starts after this
@@ -317,9 +316,10 @@ def _worker_reconnected_after(log: Path, since: float) -> float | None:
     for line in log.read_text(errors="replace").splitlines():
         if "Connected to" not in line:
             continue
-        stamp = re.search(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)", line)
+        # Celery's own format, in local time: "[2026-12-01 20:14:31,483: INFO/MainProcess] Connected to ..."
+        stamp = re.search(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?)", line)
         if stamp:
-            at = datetime.datetime.fromisoformat(stamp.group(1)).replace(tzinfo=datetime.timezone.utc).timestamp()
+            at = datetime.datetime.fromisoformat(stamp.group(1).replace(",", ".")).timestamp()
             if at >= since:
                 return at - since
     return None

@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from safe_scheduler import forkhook, metrics, output, threads, tree
+from safe_scheduler import compat, forkhook, metrics, output, threads, tree
 
 log = logging.getLogger("safe_scheduler.children")
 
@@ -48,6 +48,7 @@ def _server_main(target: Callable[[], Any]) -> None:
         forkhook.set_death_signal(signal.SIGKILL, forkhook._job_pid)
     except OSError as exc:
         log.warning("server gets no death signal (prctl: %s)", exc.strerror or exc)
+    compat.forget_inherited_db_connections()
     target()
 
 

@@ -380,6 +380,25 @@ def new_dag_processor_runner(args: argparse.Namespace) -> Any:
     return DagProcessorJobRunner(job=Job(), processor=manager)
 
 
+def forget_inherited_db_connections() -> None:
+    """In a forked server: drop the pooled DB connections inherited from the job process, unused.
+
+    They are the job process's own sockets. Airflow checks the pid when a pooled connection is
+    checked out, but SQLAlchemy pings it first (``[database] sql_alchemy_pool_pre_ping``, on by
+    default): the ping goes out on the job's socket and can read the reply to the job's query, and
+    the job then waits for that reply forever. Seen in CI: stock 2.11.2 with ``[scheduler]
+    enable_health_check`` scheduled nothing for 6 minutes, its main thread in
+    ``adopt_or_reset_orphaned_tasks`` waiting for a reply the health-check child had read when it
+    answered its first request. ``dispose(close=False)`` is SQLAlchemy's remedy for a forked child:
+    a new pool, the old connections neither used nor closed (closing would end the job's sessions).
+    """
+    from airflow import settings
+
+    engine = getattr(settings, "engine", None)
+    if engine is not None:
+        engine.dispose(close=False)
+
+
 def health_check_target() -> Callable[[], None]:
     from airflow.utils.scheduler_health import serve_health_check
 

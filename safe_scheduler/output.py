@@ -25,6 +25,7 @@ import logging.handlers
 import os
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,18 +60,46 @@ def flush_handlers() -> None:
     """Flush every root handler and the std streams; wait for queued records to be written.
 
     Airflow 2's triggerer logs through a ``QueueHandler``: its records are written later by a
-    listener thread, so an ``os._exit`` right after a log call would drop them (the forced-exit
-    stack dump among them). Call it bounded (``flush_logs``): with no listener, it waits forever.
+    ``QueueListener`` thread, so an ``os._exit`` right after a log call would drop them (the
+    forced-exit stack dump among them). An empty queue is not enough: the listener takes a record
+    off the queue *before* it writes it, and a long record (a stack dump) is still being written
+    then (seen in CI: the dump's header line out, the dump itself lost). So we wait until each
+    listener is back in ``dequeue``, twice in a row. Call it bounded (``flush_logs``): a listener
+    stuck in its handler would be waited for forever.
     """
     for handler in logging.getLogger().handlers:
         queue = getattr(handler, "queue", None) if isinstance(handler, logging.handlers.QueueHandler) else None
         while queue is not None and (getattr(queue, "unfinished_tasks", 0) or not queue.empty()):
             time.sleep(0.01)
+    for thread, listener in _queue_listeners():
+        idle_polls = 0
+        while idle_polls < 2 and thread.is_alive():
+            idle_polls = idle_polls + 1 if _waiting_for_a_record(thread, listener) else 0
+            time.sleep(0.01)
+    for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+def _queue_listeners() -> list[tuple[threading.Thread, logging.handlers.QueueListener]]:
+    """Every running ``logging.handlers.QueueListener``, with the thread of its ``_monitor`` loop."""
+    found = []
+    for thread in threading.enumerate():
+        owner = getattr(getattr(thread, "_target", None), "__self__", None)
+        if isinstance(owner, logging.handlers.QueueListener):
+            found.append((thread, owner))
+    return found
+
+
+def _waiting_for_a_record(thread: threading.Thread, listener: logging.handlers.QueueListener) -> bool:
+    """True while the listener waits in ``dequeue`` with its queue empty: nothing taken, unwritten."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None and frame.f_code.co_name != "dequeue":
+        frame = frame.f_back
+    return frame is not None and listener.queue.empty()
 
 
 def flush_logs(seconds: float = SAY_GRACE) -> bool:

@@ -148,9 +148,11 @@ def started_stock(deployment, **env):
     """A stock ``airflow scheduler`` that reports healthy.
 
     Stock 2.x now and then dies at start-up, when its first INSERT into ``job`` fails with "error
-    with status PGRES_TUPLES_OK and no message from the libpq": a connection shared across its own
-    fork of serve-logs or the health check (seen once on CI, 2.11.2). That is not what the stock
-    tests document, so that one start-up failure, and only it, is tried once more.
+    with status PGRES_TUPLES_OK and no message from the libpq" (seen once on CI, 2.11.2): its
+    health-check child pings the scheduler's own pooled DB connection, inherited by fork, and the
+    two read each other's replies (``test_servers.test_a_server_never_uses_the_job_process_db_connection``
+    shows it; ours no longer does). That is not what the stock tests document, so that one start-up
+    failure, and only it, is tried once more.
     """
     for attempt in (1, 2):
         scheduler = deployment.scheduler(stock=True, **env)

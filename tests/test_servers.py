@@ -7,13 +7,17 @@ the metrics on a real statsd listener, the health check.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import subprocess
+import textwrap
 import time
 
 import psutil
 import pytest
 
+from conftest import PYTHON
 from procs import wait_for
 from test_faults import started
 from test_hung import statsd  # noqa: F401 - the fixture
@@ -77,3 +81,48 @@ def test_log_server_that_cannot_come_back_does_not_stop_scheduling(deployment, s
     wait_for(lambda: _listener_pids(scheduler, deployment.log_port) - {killed}, 70,
              message="serve-logs back once the port is free")
     assert not [p for p in psutil.Process(scheduler.job_pid).children() if p.status() == psutil.STATUS_ZOMBIE]
+
+
+# A job process with a pooled DB connection, and a server forked from it that uses the database, as
+# Airflow's scheduler health check does on every request. What the job process's own backend last
+# ran is read, before and after, through a connection outside the pool.
+SERVER_WITH_DB = """
+    import json
+    import psycopg2
+    from sqlalchemy import text
+    from airflow import settings
+    from airflow.utils.session import create_session
+    from safe_scheduler import children
+
+    with create_session() as session:
+        job_backend = session.execute(text("SELECT pg_backend_pid()")).scalar()
+    side = psycopg2.connect(settings.engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+    side.autocommit = True
+
+    def last_query():
+        with side.cursor() as cursor:
+            cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (job_backend,))
+            return cursor.fetchone()[0]
+
+    def server():
+        with create_session() as session:
+            session.execute(text("SELECT 'the server'")).scalar()
+
+    before = last_query()
+    child = children.ChildProcess("health-check", server)
+    child.start()
+    child.process.join(60)
+    print(json.dumps({"before": before, "after": last_query(), "exitcode": child.process.exitcode}))
+"""
+
+
+def test_a_server_never_uses_the_job_process_db_connection(deployment):
+    """SQLAlchemy pings a pooled connection before Airflow's pid check: a forked server pinged the
+    job process's own socket and could read the reply to the job's query, which then waited forever
+    (stock 2.11.2 with ``enable_health_check``: nothing scheduled for 6 minutes, seen in CI)."""
+    done = subprocess.run([PYTHON, "-c", textwrap.dedent(SERVER_WITH_DB)], env=deployment.env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["exitcode"] == 0, done.stderr[-3000:]
+    assert seen["after"] == seen["before"], f"the server sent {seen['after']!r} on the job's connection"

@@ -53,6 +53,37 @@ def test_blocked_shutdown_is_forced_with_stack_dump():
     assert "stuck_in_cleanup" in done.stderr.split("Thread stacks at forced exit", 1)[1]
 
 
+def test_forced_exit_waits_for_a_queue_listener_to_write_the_stack_dump():
+    """Airflow 2's triggerer logs through a QueueHandler. Its listener takes the dump off the queue
+    before it writes it: an empty queue does not mean the dump is out (CI lost one that way)."""
+    done, _ = _run(
+        """
+        import logging.handlers, queue, time
+
+        class SlowStderr(logging.StreamHandler):  # a long record on a busy machine
+            def emit(self, record):
+                time.sleep(0.3)
+                super().emit(record)
+
+        from safe_scheduler import metrics
+        metrics.incr("warm_up")  # Airflow imported, as in a triggerer: the report itself is quick
+
+        records = queue.SimpleQueue()
+        root = logging.getLogger()
+        root.handlers = [logging.handlers.QueueHandler(records)]
+        logging.handlers.QueueListener(records, SlowStderr(sys.stderr)).start()
+
+        def stuck_in_cleanup():
+            threading.Event().wait()
+        dog.begin("test")
+        stuck_in_cleanup()
+        """,
+        timeout=30,
+    )
+    assert done.returncode == exitcodes.FORCED, done.stderr
+    assert "stuck_in_cleanup" in done.stderr.split("Thread stacks at forced exit", 1)[1]
+
+
 def test_sigterm_arms_the_deadline_while_the_main_thread_waits_in_a_db_driver(postgres):
     """SIGTERM's Python handler cannot run while libpq waits (it retries on EINTR): stock Airflow
     never notices the signal. The wakeup-fd listener does, and the deadline ends the process."""
