@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import math
 import os
 import shutil
 import signal
@@ -154,22 +155,26 @@ class Bench:
             wait_for(lambda: succeeded(server) >= 4, 300, interval=1, message="tasks through the worker")
             proc = psutil.Process(scheduler.job_pid)
             time.sleep(warmup)  # steady state first: the measurement window starts after this
-            first, cpu = succeeded(server), sum(proc.cpu_times()[:2])
+            first, cpu, ours = succeeded(server), sum(proc.cpu_times()[:2]), sum(_ours(proc.pid))
             time.sleep(window)  # the measurement window
             done, cpu = succeeded(server) - first, sum(proc.cpu_times()[:2]) - cpu
+            ours = sum(_ours(proc.pid)) - ours  # our threads' share of ``cpu`` (0 for stock)
             failed_before = failed(server)
             redis.stop()
             time.sleep(outage)  # the outage itself
             before = succeeded(server)
-            redis.start()
+            starting_wall = time.time()
+            redis.start()  # returns once Redis answers: the worker may have connected just before
             back, back_wall = time.monotonic(), time.time()
             wait_for(lambda: succeeded(server) > before, 300, interval=0.2, message="a success after the outage")
             recovery = time.monotonic() - back
             # The worker reconnects on its own backoff (2, 4, 6 ... s), the same for stock and safe:
             # the scheduler's share is what follows the worker's reconnection.
-            reconnected = _worker_reconnected_after(dep.home / "celery.log", back_wall)
+            reconnected = _worker_reconnected_after(dep.home / "celery.log", starting_wall)
+            reconnected = None if reconnected is None else max(0.0, reconnected - (back_wall - starting_wall))
             return {"tis_per_s": done / window, "cpu_s_per_1000": cpu * 1000 / max(done, 1),
-                    "cpu_s_per_min": cpu * 60 / window, "recovery_s": recovery,
+                    "cpu_s_per_min": cpu * 60 / window, "ours_cpu_s_per_min": ours * 60 / window,
+                    "recovery_s": recovery,
                     "after_worker_reconnect_s": recovery - reconnected if reconnected is not None else float("nan"),
                     "failed_in_outage": failed(server) - failed_before}
         finally:
@@ -423,11 +428,12 @@ def _celery_table(celery: dict) -> list[str]:
              "medians; ratio = safe / stock)", "", "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
     for key, label in (("tis_per_s", "throughput (TIs/s)"), ("cpu_s_per_1000", "scheduler CPU per 1000 TIs (s)"),
                        ("cpu_s_per_min", "scheduler CPU (s per minute)"),
+                       ("ours_cpu_s_per_min", "of which our threads (s per minute)"),
                        ("recovery_s", "broker back → next successful TI (s)"),
                        ("after_worker_reconnect_s", "worker reconnected → next successful TI (s)"),
                        ("failed_in_outage", "task instances failed during the broker outage")):
-        stock = statistics.median(r[key] for r in celery["stock"])
-        safe = statistics.median(r[key] for r in celery["safe"])
+        stock, safe = (statistics.median([r[key] for r in celery[kind] if r.get(key) == r.get(key)] or [math.nan])
+                       for kind in ("stock", "safe"))
         ratio = f"{safe / stock:.3f}" if stock else "(stock: 0)"
         lines.append(f"| {label} | {stock:.3g} | {safe:.3g} | {ratio} |")
     lines += ["", "Every sample (stock; safe): " + "; ".join(
