@@ -166,16 +166,22 @@ class Bench:
             starting_wall = time.time()
             redis.start()  # returns once Redis answers: the worker may have connected just before
             back, back_wall = time.monotonic(), time.time()
-            wait_for(lambda: succeeded(server) > before, 300, interval=0.2, message="a success after the outage")
+            wait_for(lambda: succeeded(server) > before, 300, interval=0.05, message="a success after the outage")
             recovery = time.monotonic() - back
-            # The worker reconnects on its own backoff (2, 4, 6 ... s), the same for stock and safe:
-            # the scheduler's share is what follows the worker's reconnection.
-            reconnected = _worker_reconnected_after(dep.home / "celery.log", starting_wall)
-            reconnected = None if reconnected is None else max(0.0, reconnected - (back_wall - starting_wall))
+            # The worker reconnects on its own backoff (2, 4, 6 ... s), the same for stock and safe,
+            # then syncs with its peers ("mingle", ~1 s) before it takes a task: the scheduler's
+            # share is whatever the first task arrives after the worker is ready for it.
+            worker_log = dep.home / "celery.log"
+            reconnected = _worker_log_after(worker_log, starting_wall, "Connected to")
+            ready = _worker_log_after(worker_log, starting_wall, "mingle: all alone")
+            received = _worker_log_after(worker_log, starting_wall, "] received")
+            lead = back_wall - starting_wall
+            nan = float("nan")
             return {"tis_per_s": done / window, "cpu_s_per_1000": cpu * 1000 / max(done, 1),
                     "cpu_s_per_min": cpu * 60 / window, "ours_cpu_s_per_min": ours * 60 / window,
                     "recovery_s": recovery,
-                    "after_worker_reconnect_s": recovery - reconnected if reconnected is not None else float("nan"),
+                    "after_worker_reconnect_s": recovery - max(0.0, reconnected - lead) if reconnected is not None else nan,
+                    "worker_ready_to_task_s": received - ready if received is not None and ready is not None else nan,
                     "failed_in_outage": failed(server) - failed_before}
         finally:
             dep.cleanup()
@@ -313,20 +319,23 @@ def _gone(scheduler, started: float, limit: float) -> tuple[int | None, float | 
     return code, (took if code is not None and not scheduler.survivors() else None)
 
 
-def _worker_reconnected_after(log: Path, since: float) -> float | None:
-    """Seconds from ``since`` (wall clock) to the worker's first "Connected to" after it, from its log."""
+def _worker_log_after(log: Path, since: float, needle: str) -> float | None:
+    """Seconds from ``since`` (wall clock) to the worker's first log line holding ``needle`` after it."""
     import datetime
     import re
 
     for line in log.read_text(errors="replace").splitlines():
-        if "Connected to" not in line:
+        if needle not in line:
             continue
-        # Celery's own format, in local time: "[2026-12-01 20:14:31,483: INFO/MainProcess] Connected to ..."
-        stamp = re.search(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?)", line)
+        # Airflow 3's worker logs ISO UTC ("2026-12-01T22:23:47.701601Z"); Celery's own format, on
+        # 2.x, is local time ("[2026-12-01 20:14:31,483: INFO/MainProcess]").
+        stamp = re.search(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?)(Z?)", line)
         if stamp:
-            at = datetime.datetime.fromisoformat(stamp.group(1).replace(",", ".")).timestamp()
-            if at >= since:
-                return at - since
+            at = datetime.datetime.fromisoformat(stamp.group(1).replace(",", "."))
+            if stamp.group(2):
+                at = at.replace(tzinfo=datetime.timezone.utc)
+            if at.timestamp() >= since:
+                return at.timestamp() - since
     return None
 
 
@@ -431,6 +440,7 @@ def _celery_table(celery: dict) -> list[str]:
                        ("ours_cpu_s_per_min", "of which our threads (s per minute)"),
                        ("recovery_s", "broker back → next successful TI (s)"),
                        ("after_worker_reconnect_s", "worker reconnected → next successful TI (s)"),
+                       ("worker_ready_to_task_s", "worker ready → first task received (s): the scheduler's share"),
                        ("failed_in_outage", "task instances failed during the broker outage")):
         stock, safe = (statistics.median([r[key] for r in celery[kind] if r.get(key) == r.get(key)] or [math.nan])
                        for kind in ("stock", "safe"))
