@@ -23,6 +23,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import socket
 import stat
 import sys
 import threading
@@ -42,8 +43,10 @@ def bounded(seconds: float, func: Callable[..., Any], *args: Any) -> bool:
 
 
 def in_background(func: Callable[..., Any], *args: Any) -> None:
-    """Run ``func(*args)`` beside us and do not wait: for log lines the caller must not hang on."""
-    threads.start_daemon("safe-exit-out", func, *args)
+    """Run ``func(*args)`` beside us and do not wait: for log lines the caller must not hang on.
+    Once the interpreter is finalizing (Python 3.12+: no new thread) the line is dropped."""
+    with contextlib.suppress(RuntimeError):
+        threads.start_daemon("safe-exit-out", func, *args)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -52,8 +55,41 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def say(text: str, seconds: float = SAY_GRACE) -> bool:
-    """Write ``text`` to stderr (fd 2, no Python lock) within ``seconds``; True if it all went out."""
-    return bounded(seconds, _write_all, 2, text.encode(errors="replace"))
+    """Write ``text`` to stderr (fd 2, no Python lock) within ``seconds``; True if it all went out.
+
+    From Python 3.12 on no thread can start once the interpreter is finalizing, which is where a
+    blocking atexit handler holds the exit (seen: a forced exit that said nothing at all). Then
+    the text goes out through ``write_now`` instead: what stderr takes at once.
+    """
+    data = text.encode(errors="replace")
+    try:
+        thread = threads.start_daemon("safe-exit-out", _write_all, 2, data)
+    except RuntimeError:
+        return write_now(data)
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+def write_now(data: bytes) -> bool:
+    """Write to stderr what it takes without waiting; True if all of ``data`` went out.
+
+    Never blocks: a pipe or terminal through ``nonblocking_stderr``, a socket (journald) with
+    ``MSG_DONTWAIT`` on a duplicate. A full pipe or socket loses the rest.
+    """
+    try:
+        if stat.S_ISSOCK(os.fstat(2).st_mode):
+            with socket.socket(fileno=os.dup(2)) as sock:
+                while data:
+                    data = data[sock.send(data, socket.MSG_DONTWAIT):]
+            return True
+        fd = nonblocking_stderr()
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+    except OSError:  # BlockingIOError when full; anything else: stderr is gone
+        return False
+    return True
 
 
 def flush_handlers() -> None:

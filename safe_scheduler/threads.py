@@ -34,6 +34,8 @@ def start_daemon(name: str, target: Callable[..., Any], *args: Any) -> threading
     """Start a daemon thread called ``name`` in Python and in the kernel.
 
     Daemon, because none of our threads may ever be the reason the interpreter waits at exit.
+    Raises RuntimeError from Python 3.12 on once the interpreter is finalizing (an atexit handler
+    is running): ``threading`` then refuses new threads.
     """
 
     def run() -> None:
@@ -51,6 +53,9 @@ def run_bounded(name: str, seconds: float, target: Callable[..., Any], *args: An
     For logging on the way out: a log call takes locks that another thread may never release (a
     signal handler that raised between logging's acquire and release), and no exit may wait on them.
     """
-    thread = start_daemon(name, target, *args)
+    try:
+        thread = start_daemon(name, target, *args)
+    except RuntimeError:  # no thread can start any more: the interpreter is finalizing (below)
+        return False
     thread.join(seconds)
     return not thread.is_alive()

@@ -65,10 +65,11 @@ def force_exit(code: int, why: str, kind: str) -> NoReturn:
     try:
         killed = tree.kill_all_below_us()
         if not output.bounded(REPORT_GRACE, _report, code, why, kind, killed):
+            # Logging is blocked, or no thread can start (Python 3.12+ inside an atexit handler).
             # Not faulthandler.dump_traceback: it writes holding the GIL, and a blocked write there
-            # would stop every thread, this one included. Our text goes out in a bounded thread.
-            output.say(f"safe_scheduler: forcing exit with code {code}: {why} (logging is blocked); "
-                       f"thread stacks:\n{format_all_stacks()}\n")
+            # would stop every thread, this one included. ``say`` never waits past its bound.
+            output.say(f"safe_scheduler: Forcing exit with code {code}: {why}; killed {killed} processes; "
+                       f"the log could not be written. Thread stacks at forced exit:\n{format_all_stacks()}\n")
     finally:
         os._exit(code)
 

@@ -226,7 +226,8 @@ def test_db_stopped_with_blocked_shutdown_is_forced(deployment, postgres, plugin
     assert took < 8 + MARGIN, f"took {took:.1f}s"
     log = scheduler.log()
     # The stack dump shows where it hung: the blocking function, named by this test.
-    assert "Thread stacks at forced exit" in log and blocker in log.split("Thread stacks at forced exit", 1)[1]
+    assert "Thread stacks at forced exit" in log and blocker in log.split("Thread stacks at forced exit", 1)[1], \
+        log[-6000:]
     assert_no_orphans(scheduler)
 
 

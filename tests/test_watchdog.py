@@ -59,6 +59,32 @@ def test_blocked_shutdown_is_forced_with_stack_dump():
     assert _forced_exit_in_cleanup() < 1.5 + 5
 
 
+def test_forced_exit_inside_an_atexit_handler_still_dumps_the_stacks():
+    """Python 3.12+ starts no thread once the interpreter is finalizing, i.e. while an atexit
+    handler runs; the forced exit's bounded log thread could not start and it said nothing (seen
+    on 2.11.2 with Python 3.12). On older Pythons the handler refuses threads the same way."""
+    done, took = _run(
+        """
+        import atexit
+
+        def flush_forever_at_exit():
+            if sys.version_info < (3, 12):  # what 3.12+ does itself from here on
+                def refuse(self):
+                    raise RuntimeError("can't create new thread at interpreter shutdown")
+                threading.Thread.start = refuse
+            threading.Event().wait()
+
+        atexit.register(flush_forever_at_exit)
+        dog.begin("test")
+        sys.exit(0)
+        """,
+        timeout=30,
+    )
+    assert done.returncode == exitcodes.FORCED, done.stderr
+    assert "flush_forever_at_exit" in done.stderr.split("Thread stacks at forced exit", 1)[1], done.stderr
+    assert took < 1.5 + 5
+
+
 def test_forced_exit_waits_for_a_queue_listener_to_write_the_stack_dump():
     """Airflow 2's triggerer logs through a QueueHandler. Its listener takes the dump off the queue
     before it writes it: an empty queue does not mean the dump is out (CI lost one that way)."""
