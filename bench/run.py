@@ -43,8 +43,9 @@ import pg  # noqa: E402
 from conftest import HEALTH_PORTS, PYTHON, Deployment, base_env  # noqa: E402
 from procs import stop, threads_of, wait_for  # noqa: E402
 from jobservice import JobService  # noqa: E402
-from test_components import heartbeating, prepare  # noqa: E402
-from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN  # noqa: E402
+from test_components import heartbeating, prepare, started as component_started  # noqa: E402
+from test_components import wait_parsing, with_parsing_process  # noqa: E402
+from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN, RUNNING_TASKS_DAG  # noqa: E402
 from test_running_tasks import write_dag  # noqa: E402
 from broker import RedisServer  # noqa: E402
 from test_celery import busy, failed, scheduler_up, succeeded  # noqa: E402
@@ -65,6 +66,8 @@ SCENARIOS = {
 
 
 COMPONENTS = ("scheduler", "triggerer", "dag-processor")
+#: multiprocessing's start methods; 2.x reads ``[core] mp_start_method`` only for its DAG processor.
+START_METHODS = ("fork", "forkserver", "spawn")
 
 
 class Bench:
@@ -107,6 +110,43 @@ class Bench:
             code, seconds = _gone(scheduler, started, limit)
             orphans = len(scheduler.survivors()) if code is not None else None
             return {"seconds": seconds, "code": code, "orphans": orphans}
+        finally:
+            dep.cleanup()
+            server.destroy()
+
+    # -- kill -9 under each start method --------------------------------------------------------
+
+    def kill_by_method(self, component: str, method: str, target: str, stock: bool, wait: float) -> dict:
+        """``kill -9`` of the PID the user started (``top``) or of the job process (``job``; for stock
+        the same process), with ``[core] mp_start_method`` set to ``method``. The scheduler has two
+        LocalExecutor tasks running, the triggerer its serve-logs, the dag-processor a parsing
+        process. How many of the processes the tree ever held are still alive once none are left or
+        ``wait`` seconds have passed, and when the last one went."""
+        dep, server = self.deployment()
+        try:
+            dep.env["AIRFLOW__CORE__MP_START_METHOD"] = method
+            if component == "scheduler":
+                marks = dep.home.parent / "marks"
+                marks.mkdir()
+                (dep.home / "dags" / "long_tasks.py").write_text(
+                    textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks))))
+                dep.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+                dep.start_task_services()
+                proc = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
+                wait_for(lambda: len([m for m in marks.glob("started-*") if m.read_text()]) == 2, 240,
+                         interval=0.5, message="both tasks to run")
+            else:
+                if component == "dag-processor":
+                    with_parsing_process(dep)
+                proc = component_started(dep, server, component, *([] if stock else SAFE_ARGS), stock=stock)
+                if component == "dag-processor":
+                    wait_parsing(proc)
+            seen = len(proc.survivors())
+            killed = time.monotonic()
+            os.kill(proc.pid if target == "top" else proc.job_pid, signal.SIGKILL)
+            left = proc.survivors_after(wait)
+            return {"seen": seen, "left": len(left), "seconds": None if left else time.monotonic() - killed,
+                    "left_names": sorted(" ".join(p.cmdline()[:3])[:60] for p in left if _alive_name(p))}
         finally:
             dep.cleanup()
             server.destroy()
@@ -319,6 +359,13 @@ def _gone(scheduler, started: float, limit: float) -> tuple[int | None, float | 
     return code, (took if code is not None and not scheduler.survivors() else None)
 
 
+def _alive_name(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _worker_log_after(log: Path, since: float, needle: str) -> float | None:
     """Seconds from ``since`` (wall clock) to the worker's first log line holding ``needle`` after it."""
     import datetime
@@ -475,8 +522,34 @@ def _probes_table(probes: dict) -> list[str]:
     return lines
 
 
+def _kills_table(kills: dict, wait: float) -> list[str]:
+    lines = ["", f"## kill -9 under each start method (processes still alive {wait:g} s after the kill, of all "
+             "there were below the PID the user started; worst of the repetitions)", "",
+             "`[core] mp_start_method` set through `AIRFLOW__CORE__MP_START_METHOD`. The scheduler has two "
+             "LocalExecutor tasks running (Airflow 3: with a real api-server and dag-processor beside it), the "
+             "triggerer its serve-logs, the dag-processor a parsing process that never ends. Stock has one "
+             "process for both targets.", "",
+             "| component | start method | stock, kill -9 | safe, kill -9 of the PID the user started | "
+             "safe, kill -9 of the job process |",
+             "| --- | --- | --- | --- | --- |"]
+
+    def cell(runs: list[dict]) -> str:
+        """Left of all there were below the killed PID, and when the last went (worst run)."""
+        worst = max(runs, key=lambda r: (r["left"], r["seconds"] or 0.0))
+        gone = f" (all gone after {worst['seconds']:.1f} s)" if worst["seconds"] is not None else ""
+        return f"{worst['left']} of {worst['seen']}{gone}"
+
+    for (component, method), runs in kills.items():
+        lines.append(f"| {component} | {method} | {cell(runs['stock'])} | {cell(runs['safe top'])} | "
+                     f"{cell(runs['safe job'])} |")
+    left = sorted({name for runs in kills.values() for r in runs["stock"] for name in r["left_names"]})
+    if left:
+        lines += ["", "What stock left (command lines, first 60 characters): " + "; ".join(f"`{n}`" for n in left)]
+    return lines
+
+
 def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = None,
-           probes: dict | None = None, celery: dict | None = None) -> str:
+           probes: dict | None = None, celery: dict | None = None, kills: dict | None = None) -> str:
     import airflow
 
     lines = [
@@ -512,6 +585,8 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
             row += [_fmt(median, args.limit), _fmt(worst, args.limit), ", ".join(codes),
                     "still running" if None in orphans else str(max(orphans))]
         lines.append("| " + " | ".join(row) + " |")
+    if kills:
+        lines += _kills_table(kills, args.kill_wait)
     if stops:
         lines += _tasks_table(stops, args.limit)
     if probes:
@@ -535,7 +610,7 @@ def report(faults: dict, overhead: dict, args, out: Path, stops: dict | None = N
     (out / "latest.md").write_text(text)
     (out / "latest.json").write_text(
         json.dumps({"faults": faults, "overhead": overhead, "stop_with_tasks": stops, "probes": probes,
-                    "celery": celery},
+                    "celery": celery, "kill_by_start_method": {" / ".join(k): v for k, v in (kills or {}).items()}},
                    indent=1, default=str)
     )
     return text
@@ -579,11 +654,14 @@ def main() -> int:
                         help="stop with N tasks running, for each N (default 1 16; quick: 1; none: skip)")
     parser.add_argument("--no-probes", action="store_true", help="skip the liveness probe cost")
     parser.add_argument("--no-celery", action="store_true", help="skip the CeleryExecutor run")
+    parser.add_argument("--start-methods", nargs="*", choices=START_METHODS, default=list(START_METHODS),
+                        help="kill -9 of each component under these start methods (default: all; none: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.reps = args.reps or (1 if args.quick else 5)
     args.limit = args.limit or (45.0 if args.quick else 60.0)
     args.idle_window = 20.0 if args.quick else 60.0
+    args.kill_wait = 10.0 if args.quick else 30.0
     args.out.mkdir(parents=True, exist_ok=True)
 
     root = Path(tempfile.mkdtemp(prefix="safe-scheduler-bench-", dir="/tmp"))
@@ -600,6 +678,15 @@ def main() -> int:
                         result = bench.fault_to_exit(scenario, kind == "stock", args.limit, component)
                         faults[name][kind].append(result)
                         print(f"{name} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
+        kills: dict = {}
+        for component in args.components:
+            for method in args.start_methods:
+                runs = kills[(component, method)] = {"stock": [], "safe top": [], "safe job": []}
+                for rep in range(args.reps):
+                    for kind, stock, target in (("stock", True, "top"), ("safe top", False, "top"), ("safe job", False, "job")):
+                        result = bench.kill_by_method(component, method, target, stock, args.kill_wait)
+                        runs[kind].append(result)
+                        print(f"kill -9, {component}, {method} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
         stops: dict = {}
         for tasks in args.tasks if args.tasks is not None else ([1] if args.quick else [1, 16]):
             for fault, label in (("stop", "DB stopped"), ("sigterm", "SIGTERM")):
@@ -651,7 +738,7 @@ def main() -> int:
                 rows[measure] = (statistics.median(samples["stock"][measure]), statistics.median(samples["safe"][measure]))
             overhead = {"airflow": airflow.__version__, "rows": rows,
                         "samples": {m: {k: samples[k][m] for k in samples} for m in samples["stock"]}}
-        print(report(faults, overhead, args, args.out, stops, probes, celery))
+        print(report(faults, overhead, args, args.out, stops, probes, celery, kills))
         if faults:
             chart(faults, args.limit, args.out)
     finally:

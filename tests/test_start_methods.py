@@ -1,6 +1,8 @@
 """Every start method (``[core] mp_start_method``: fork, forkserver, spawn) on Airflow 3.3 (fork and
-spawn on 2.x, the kills only), with real tasks running: nothing is left after ``kill -9`` of the PID the user started or of the job process,
-a DB stop ends in time, SIGTERM stops cleanly, a killed log server listens again.
+spawn on 2.x, the kills only), with real tasks running: nothing is left after ``kill -9`` of the PID
+the user started or of the job process, a DB stop ends in time, SIGTERM stops cleanly, a killed log
+server listens again. The triggerer and the dag-processor: the same two kills under every method
+but fork (their fork rows are ``test_components``' own).
 
 Under ``forkserver`` (Python 3.14's default) and ``spawn`` the executor workers are not forked by
 the job process, so no code of ours runs in them: only the parent above the job (``reaper``) can
@@ -18,6 +20,7 @@ import pytest
 
 from procs import alive, wait_for
 from safe_scheduler import compat
+from test_components import COMPONENTS, started as component_started, wait_parsing, with_parsing_process
 from test_faults import MARGIN, RUNNING_TASKS_DAG, assert_exits, assert_no_orphans, kill
 
 # 2.x reads ``[core] mp_start_method`` only for the scheduler's DAG-file processor (its manager and
@@ -69,6 +72,27 @@ def test_sigkill_with_tasks_running_leaves_nothing(deployment, tmp_path, method,
     left = scheduler.survivors_after(30 + MARGIN)
     assert not left, f"outlived the scheduler: {[(p.pid, ' '.join(p.cmdline())[:120]) for p in left]}"
     assert not any(alive(task) for task in tasks)
+
+
+@pytest.mark.all_versions
+@pytest.mark.parametrize("target", ["top", "job"])
+@pytest.mark.parametrize("method", NOT_FORK)
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_component_sigkill_leaves_nothing(deployment, postgres, name, method, target):
+    """The triggerer with its serve-logs (started through the forkserver, or spawned) and, on 3.x,
+    its trigger runner; the dag-processor with a parsing process that never ends."""
+    _with_method(deployment, method)
+    if name == "dag-processor":
+        with_parsing_process(deployment)
+    proc = component_started(deployment, postgres, name)
+    if name == "dag-processor":
+        wait_parsing(proc)
+    seen = len(proc.below_job())
+    assert seen
+    kill(proc, target)
+    left = proc.survivors_after(30 + MARGIN)
+    assert not left, f"{len(left)} of {seen + 1} outlived the {name}: " \
+        f"{[(p.pid, ' '.join(p.cmdline())[:120]) for p in left]}"
 
 
 @pytest.mark.parametrize("method", NOT_FORK)
