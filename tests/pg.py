@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,18 @@ def _as_pg_user() -> dict:
     """The server refuses to run as root: drop to ``postgres`` when we are root."""
     if os.geteuid() != 0:
         return {}
-    return {"user": PG_USER, "group": PG_USER, "extra_groups": []}
+    if sys.version_info >= (3, 9):
+        return {"user": PG_USER, "group": PG_USER, "extra_groups": []}
+    import pwd  # Python 3.7/3.8 (Airflow 2.6.3's oldest): no user= in subprocess yet
+
+    entry = pwd.getpwnam(PG_USER)
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+
+    return {"preexec_fn": drop}
 
 
 def chown_to_pg_user(path: Path) -> None:
@@ -149,7 +161,8 @@ class PgServer:
                 for proc in self.processes():
                     proc.kill()
         shutil.rmtree(self.datadir, ignore_errors=True)
-        self.logfile.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # no missing_ok before Python 3.8
+            self.logfile.unlink()
 
 
 def make_template(root: Path, migrate_env: dict, python: str) -> Path:

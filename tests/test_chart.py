@@ -218,7 +218,7 @@ def test_statsd_mappings_give_prometheus_names_and_labels(helm_home):
         component = name.replace("-", "_")
         for metric, (prom, labels) in METRICS.items():
             full = f"airflow.safe_{component}.{metric}"  # Airflow's default [metrics] statsd_prefix
-            matches = [(m, g) for m in mappings if (g := _glob_match(m, full)) is not None]
+            matches = [(m, g) for m, g in ((m, _glob_match(m, full)) for m in mappings) if g is not None]
             assert matches, f"{full} is not mapped"
             mapping, groups = matches[0]  # the first match wins
             assert mapping in ours, (full, mapping)

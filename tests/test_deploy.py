@@ -61,11 +61,11 @@ def test_dockerfile_passes_hadolint():
 
 
 def _dockerfile_final_stage() -> tuple[dict[str, str], str, list[str]]:
-    """(ARG defaults, the final stage's `pip install` command, its CMD)."""
+    """(ARG defaults, the final stage's install command (shell), its CMD)."""
     text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
     defaults = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
     final = text.split("\nFROM ")[-1]
-    install = re.search(r"^RUN (pip install .*)$", final, flags=re.M).group(1)
+    install = re.search(r"^RUN (.*pip install .*)$", final, flags=re.M).group(1)
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", final, flags=re.M).group(1))
     return defaults, install, cmd
 
@@ -80,11 +80,11 @@ def test_image_smoke(tmp_path):
     venv = tmp_path / "image-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     install = (install.replace("${AIRFLOW_VERSION}", defaults["AIRFLOW_VERSION"])
-               .replace("${PYTHON_VERSION}", defaults["PYTHON_VERSION"])
                .replace("/opt/airflow/safe-scheduler-constraints", str(REPO / "constraints"))
                .replace("/opt/airflow/safe-scheduler-dist", str(dist)))
-    done = subprocess.run(["bash", "-c", f"{venv}/bin/python -m {install}"], capture_output=True, text=True,
-                          timeout=900)
+    # The image's `python` and `pip` come first on its PATH: here, the venv's.
+    done = subprocess.run(["bash", "-c", install], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PATH=f"{venv}/bin:{os.environ['PATH']}"))
     assert done.returncode == 0, done.stderr[-3000:]
 
     home = tmp_path / "airflow"
@@ -152,6 +152,12 @@ def _first_scheduler(conf: Path, deployment) -> int:
 
 
 @pytest.mark.all_versions
+def _respawned(conf, first: int) -> int | None:
+    """The pid supervisord now runs, once it is not ``first``."""
+    pid = _scheduler_pid(conf)
+    return pid if pid and pid != first else None
+
+
 def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deployment, postgres, test_root):
     conf, supervisord, tree = _supervise(deployment, test_root, str(BIN / "airflow-safe-scheduler"))
     try:
@@ -159,8 +165,7 @@ def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deploymen
         postgres.stop("immediate")
         wait_for(lambda: not alive(psutil.Process(first)) if psutil.pid_exists(first) else True, 60,
                  message="the first scheduler to exit")
-        respawned = wait_for(lambda: (pid := _scheduler_pid(conf)) and pid != first and pid, 60, interval=0.3,
-                             message="supervisord to respawn it")
+        respawned = wait_for(lambda: _respawned(conf, first), 60, interval=0.3, message="supervisord to respawn it")
         assert respawned != first
 
         postgres.start()
@@ -193,7 +198,7 @@ def test_supervisord_and_stock_scheduler(deployment, postgres, test_root):
                 assert _scheduler_pid(conf) == first, "supervisord respawned stock Airflow: #32706 is gone"
                 time.sleep(1)
         else:
-            wait_for(lambda: (pid := _scheduler_pid(conf)) and pid != first, 60, interval=0.3,
+            wait_for(lambda: _respawned(conf, first), 60, interval=0.3,
                      message="supervisord to respawn stock airflow scheduler")
     finally:
         _stop_supervisord(supervisord, tree)
