@@ -151,13 +151,13 @@ def _first_scheduler(conf: Path, deployment) -> int:
     return first
 
 
-@pytest.mark.all_versions
 def _respawned(conf, first: int) -> int | None:
     """The pid supervisord now runs, once it is not ``first``."""
     pid = _scheduler_pid(conf)
     return pid if pid and pid != first else None
 
 
+@pytest.mark.all_versions
 def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deployment, postgres, test_root):
     conf, supervisord, tree = _supervise(deployment, test_root, str(BIN / "airflow-safe-scheduler"))
     try:
