@@ -38,8 +38,13 @@ SAY_GRACE = 1.0
 
 
 def bounded(seconds: float, func: Callable[..., Any], *args: Any) -> bool:
-    """Run ``func(*args)`` beside us and wait at most ``seconds``; True if it finished."""
-    return threads.run_bounded("safe-exit-out", seconds, func, *args)
+    """Run ``func(*args)`` beside us and wait at most ``seconds``; True if it finished.
+    False, without running it, once no thread can start (Python 3.12+ while the interpreter
+    is finalizing, e.g. inside an atexit handler)."""
+    try:
+        return threads.run_bounded("safe-exit-out", seconds, func, *args)
+    except RuntimeError:
+        return False
 
 
 def in_background(func: Callable[..., Any], *args: Any) -> None:
@@ -63,11 +68,9 @@ def say(text: str, seconds: float = SAY_GRACE) -> bool:
     """
     data = text.encode(errors="replace")
     try:
-        thread = threads.start_daemon("safe-exit-out", _write_all, 2, data)
+        return threads.run_bounded("safe-exit-out", seconds, _write_all, 2, data)
     except RuntimeError:
         return write_now(data)
-    thread.join(seconds)
-    return not thread.is_alive()
 
 
 def write_now(data: bytes) -> bool:
@@ -77,14 +80,17 @@ def write_now(data: bytes) -> bool:
     ``MSG_DONTWAIT`` on a duplicate. A full pipe or socket loses the rest.
     """
     try:
-        if stat.S_ISSOCK(os.fstat(2).st_mode):
-            with socket.socket(fileno=os.dup(2)) as sock:
-                while data:
-                    data = data[sock.send(data, socket.MSG_DONTWAIT):]
-            return True
         fd = nonblocking_stderr()
         try:
-            _write_all(fd, data)
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                sock = socket.socket(fileno=fd)
+                try:
+                    while data:
+                        data = data[sock.send(data, socket.MSG_DONTWAIT):]
+                finally:
+                    sock.detach()  # the descriptor is closed below, once
+            else:
+                _write_all(fd, data)
         finally:
             os.close(fd)
     except OSError:  # BlockingIOError when full; anything else: stderr is gone

@@ -53,9 +53,6 @@ def run_bounded(name: str, seconds: float, target: Callable[..., Any], *args: An
     For logging on the way out: a log call takes locks that another thread may never release (a
     signal handler that raised between logging's acquire and release), and no exit may wait on them.
     """
-    try:
-        thread = start_daemon(name, target, *args)
-    except RuntimeError:  # no thread can start any more: the interpreter is finalizing (below)
-        return False
+    thread = start_daemon(name, target, *args)
     thread.join(seconds)
     return not thread.is_alive()
