@@ -45,7 +45,7 @@ from procs import stop, threads_of, wait_for  # noqa: E402
 from jobservice import JobService  # noqa: E402
 from test_components import heartbeating, prepare, started as component_started  # noqa: E402
 from test_components import wait_parsing, with_parsing_process  # noqa: E402
-from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN, RUNNING_TASKS_DAG  # noqa: E402
+from test_faults import HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN, running_tasks, with_running_tasks  # noqa: E402
 from test_running_tasks import write_dag  # noqa: E402
 from broker import RedisServer  # noqa: E402
 from test_celery import busy, failed, scheduler_up, succeeded  # noqa: E402
@@ -129,14 +129,9 @@ class Bench:
             dep.env["AIRFLOW__CORE__MP_START_METHOD"] = method
             if component == "scheduler":
                 marks = dep.home.parent / "marks"
-                marks.mkdir()
-                (dep.home / "dags" / "long_tasks.py").write_text(
-                    textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks))))
-                dep.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
-                dep.start_task_services()
+                with_running_tasks(dep, marks)
                 proc = dep.scheduler(*([] if stock else SAFE_ARGS), stock=stock)
-                wait_for(lambda: len([m for m in marks.glob("started-*") if m.read_text()]) == 2, 240,
-                         interval=0.5, message="both tasks to run")
+                running_tasks(proc, marks)
             else:
                 if component == "dag-processor":
                     with_parsing_process(dep)
@@ -148,7 +143,7 @@ class Bench:
             os.kill(proc.pid if target == "top" else proc.job_pid, signal.SIGKILL)
             left = proc.survivors_after(wait)
             return {"seen": seen, "left": len(left), "seconds": None if left else time.monotonic() - killed,
-                    "left_names": sorted(" ".join(p.cmdline()[:3])[:60] for p in left if _alive_name(p))}
+                    "left_names": sorted(filter(None, (_cmdline(p)[:60] for p in left)))}
         finally:
             dep.cleanup()
             server.destroy()
@@ -366,11 +361,12 @@ def _gone(scheduler, started: float, limit: float) -> tuple[int | None, float | 
     return code, (took if code is not None and not scheduler.survivors() else None)
 
 
-def _alive_name(proc: psutil.Process) -> bool:
+def _cmdline(proc: psutil.Process) -> str:
+    """The first three words of its command line; "" once it has gone."""
     try:
-        return bool(proc.cmdline())
+        return " ".join(proc.cmdline()[:3])
     except psutil.Error:
-        return False
+        return ""
 
 
 def _worker_log_after(log: Path, since: float, needle: str) -> float | None:

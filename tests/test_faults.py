@@ -12,6 +12,7 @@ import os
 import signal
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -308,19 +309,17 @@ RUNNING_TASKS_DAG = """
 """
 
 
-def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
-    """Tasks get SIGTERM (their ``on_kill`` runs), then nothing of the scheduler's outlives it.
-
-    The death signal alone is not enough: Airflow 3's worker forwards it to the task it supervises,
-    and the task runner answers with ``on_kill`` and carries on. The lifeline ends both.
-    """
-    marks = tmp_path / "marks"
+def with_running_tasks(deployment, marks: Path) -> None:
+    """``RUNNING_TASKS_DAG``, unpaused, its tasks marking into ``marks``; on Airflow 3 with the
+    api-server and dag-processor that tasks need."""
     marks.mkdir()
     (deployment.home / "dags" / "long_tasks.py").write_text(textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks))))
     deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
     deployment.start_task_services()
-    scheduler = deployment.scheduler("--child-stop-timeout", "3")
-    scheduler.wait_healthy()
+
+
+def running_tasks(scheduler, marks: Path) -> list[psutil.Process]:
+    """Both tasks, once each has written its pid (the scheduler's log in the error if they never do)."""
 
     def task_pids() -> list[int]:
         pids = [mark.read_text() for mark in marks.glob("started-*")]  # a mark may exist still empty
@@ -330,7 +329,20 @@ def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
         pids = wait_for(task_pids, 240, interval=0.5, message="both tasks to run")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; scheduler log:\n{scheduler.log()[-3000:]}") from None
-    tasks = [psutil.Process(pid) for pid in pids]
+    return [psutil.Process(pid) for pid in pids]
+
+
+def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
+    """Tasks get SIGTERM (their ``on_kill`` runs), then nothing of the scheduler's outlives it.
+
+    The death signal alone is not enough: Airflow 3's worker forwards it to the task it supervises,
+    and the task runner answers with ``on_kill`` and carries on. The lifeline ends both.
+    """
+    marks = tmp_path / "marks"
+    with_running_tasks(deployment, marks)
+    scheduler = deployment.scheduler("--child-stop-timeout", "3")
+    scheduler.wait_healthy()
+    tasks = running_tasks(scheduler, marks)
 
     scheduler.signal(signal.SIGKILL)
     assert scheduler.wait_exit(10) == -signal.SIGKILL

@@ -12,16 +12,14 @@ tell that they outlived it.
 from __future__ import annotations
 
 import signal
-import textwrap
 import time
 
-import psutil
 import pytest
 
 from procs import alive, wait_for
 from safe_scheduler import compat
 from test_components import COMPONENTS, started as component_started, wait_parsing, with_parsing_process
-from test_faults import MARGIN, RUNNING_TASKS_DAG, assert_exits, assert_no_orphans, kill
+from test_faults import MARGIN, assert_exits, assert_no_orphans, kill, running_tasks, with_running_tasks
 
 # 2.x reads ``[core] mp_start_method`` only for the scheduler's DAG-file processor (its manager and
 # parsing processes); the executor's workers always fork there. 3.3 applies it to everything.
@@ -49,22 +47,10 @@ def started(deployment, *args: str):
 def test_sigkill_with_tasks_running_leaves_nothing(deployment, tmp_path, method, target):
     _with_method(deployment, method)
     marks = tmp_path / "marks"
-    marks.mkdir()
-    dag = textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks)))
-    (deployment.home / "dags" / "long_tasks.py").write_text(dag)
-    deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
-    deployment.start_task_services()
+    with_running_tasks(deployment, marks)
     scheduler = deployment.scheduler("--child-stop-timeout", "3")
     scheduler.wait_healthy()
-
-    def task_pids() -> list[int]:
-        pids = [mark.read_text() for mark in marks.glob("started-*")]
-        return [int(pid) for pid in pids] if len(pids) == 2 and all(pids) else []
-
-    try:
-        tasks = [psutil.Process(pid) for pid in wait_for(task_pids, 240, interval=0.5, message="both tasks to run")]
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; scheduler log:\n{scheduler.log()[-3000:]}") from None
+    tasks = running_tasks(scheduler, marks)
     assert len(scheduler.below_job()) >= 6  # serve-logs, workers, tasks (and the forkserver, tracker)
 
     kill(scheduler, target)
