@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from safe_scheduler import compat, metrics
+from safe_scheduler.metrics import Metrics
 
 log = logging.getLogger("safe_scheduler.brokerhold")
 
@@ -33,9 +33,10 @@ PING_TIMEOUT = 1.0
 class Broker:
     """Whether the broker answers, with the transitions logged once each."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, metrics: Metrics) -> None:
         import redis
 
+        self.metrics = metrics
         self.client = redis.Redis.from_url(url, socket_timeout=PING_TIMEOUT, socket_connect_timeout=PING_TIMEOUT)
         self.down_since: float | None = None
 
@@ -45,7 +46,7 @@ class Broker:
         except Exception as exc:  # noqa: BLE001 - any failure to answer is "not now"
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                metrics.incr("broker_unreachable")
+                self.metrics.incr("broker_unreachable")
                 log.warning("The Celery broker does not answer (%s); holding queued task instances "
                             "until it does, instead of failing them", type(exc).__name__)
             return False
@@ -56,16 +57,26 @@ class Broker:
         return True
 
 
-def install(executor: Any) -> bool:
+def broker_url() -> str:
+    """``[celery] broker_url``, or "" (the key comes with the Celery provider)."""
+    from airflow.configuration import conf
+
+    try:
+        return conf.get("celery", "broker_url", fallback="") or ""
+    except Exception:  # noqa: BLE001 - a secret backend's failure is the executor's to report
+        return ""
+
+
+def install(executor: Any, metrics: Metrics) -> bool:
     """Wrap ``executor.trigger_tasks`` (the one place both Airflow 2 and 3 send from); False if
     this executor or its broker is not one we hold for."""
     if type(executor).__name__ != "CeleryExecutor":
         return False
-    broker_url = compat.celery_broker_url()
-    if not broker_url.startswith(("redis://", "rediss://")):
+    url = broker_url()
+    if not url.startswith(("redis://", "rediss://")):
         return False
     try:
-        broker = Broker(broker_url)
+        broker = Broker(url, metrics)
     except Exception:  # noqa: BLE001 - no redis client: Airflow's own behaviour, nothing worse
         log.debug("no Redis client for the broker check", exc_info=True)
         return False

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -30,7 +31,10 @@ from typing import Any
 
 import psutil
 
-from safe_scheduler import compat, forkhook, metrics, output, threads, tree
+from safe_scheduler import compat, output, threads, tree
+from safe_scheduler.metrics import Metrics
+from safe_scheduler.prctl import set_death_signal
+from safe_scheduler.settings import key_of
 
 log = logging.getLogger("safe_scheduler.children")
 
@@ -43,9 +47,11 @@ STABLE_AFTER = 60.0
 
 
 def _server_main(target: Callable[[], Any]) -> None:
-    # A server has nothing to clean up, and a server left behind keeps its port (Airflow #40726).
+    # A server has nothing to clean up, and a server left behind keeps its port (Airflow #40726):
+    # its death signal (``forkhook``: SIGTERM, from the fork hook or ``arm``, race-free) becomes
+    # SIGKILL. Whatever parent it has now is the one it had then, or that one's death was signalled.
     try:
-        forkhook.set_death_signal(signal.SIGKILL, forkhook._job_pid)
+        set_death_signal(signal.SIGKILL, os.getppid())
     except OSError as exc:
         log.warning("server gets no death signal (prctl: %s)", exc.strerror or exc)
     compat.forget_inherited_db_connections()
@@ -84,7 +90,7 @@ class ChildProcess:
 
     @property
     def metric_name(self) -> str:
-        return self.name.replace("-", "_")
+        return key_of(self.name)
 
     def start(self) -> None:
         self.process.start()
@@ -100,10 +106,11 @@ class ChildProcess:
             return None
 
 
-def stop_all(children: list[ChildProcess], grace: float, remaining: Callable[[], float] | None = None) -> tree.Outcome:
-    """Stop every child and its tree together: SIGTERM, one wait of ``grace``, SIGKILL, reap."""
+def stop_all(children: list[ChildProcess], child_stop_timeout: float,
+             remaining: Callable[[], float] | None = None) -> tree.Outcome:
+    """Stop every child and its tree together: SIGTERM, one wait of ``child_stop_timeout``, SIGKILL, reap."""
     procs = [p for p in (c.psutil_process() for c in children) if p is not None]
-    outcome = tree.stop(procs, grace, remaining, what=", ".join(c.name for c in children))
+    outcome = tree.stop(procs, child_stop_timeout, remaining, what=", ".join(c.name for c in children))
     for child in children:
         if child.process.pid is not None:
             child.process.join(0.5)  # reaped already by tree.stop; this records the exit code
@@ -115,8 +122,9 @@ class Servers:
     """The servers for the duration of the job: a watcher thread notices deaths, the job's main
     thread restarts them (``restart_due``, called on each heartbeat)."""
 
-    def __init__(self, children: list[ChildProcess]) -> None:
+    def __init__(self, children: list[ChildProcess], metrics: Metrics | None = None) -> None:
         self.children = children
+        self.metrics = metrics or Metrics()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
@@ -139,7 +147,7 @@ class Servers:
                     child.deaths = 1 if lived >= STABLE_AFTER else child.deaths + 1
                     delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (child.deaths - 1))
                     child.restart_at = time.monotonic() + delay
-                metrics.incr(f"child_exited.{child.metric_name}")
+                self.metrics.incr(f"child_exited.{child.metric_name}")
                 output.in_background(
                     log.error, "%s (pid %s) %s after %.0fs; starting it again in %gs (death %d in a row)",
                     child.name, child.pid, _how_it_ended(exitcode), lived, delay, child.deaths,
@@ -161,23 +169,26 @@ class Servers:
                     child.restart_at = now + BACKOFF_MAX
                     log.exception("Could not start %s again; next try in %gs", child.name, BACKOFF_MAX)
                     continue
-            metrics.incr(f"child_restarted.{child.metric_name}")
+            self.metrics.incr(f"child_restarted.{child.metric_name}")
 
-    def stop(self, grace: float, remaining: Callable[[], float] | None = None) -> tree.Outcome:
+    def stop(self, child_stop_timeout: float, remaining: Callable[[], float] | None = None) -> tree.Outcome:
         """No more restarts; stop every server that runs, together."""
         self._stopping.set()
         with self._lock:
-            return stop_all(self.children, grace, remaining)
+            outcome = stop_all(self.children, child_stop_timeout, remaining)
+        self.metrics.incr("children_killed", len(outcome.killed))
+        return outcome
 
 
 @contextlib.contextmanager
 def running(
-    servers: list[tuple[str, Callable[[], Any]]], grace: float, remaining: Callable[[], float] | None = None
+    servers: list[tuple[str, Callable[[], Any]]], child_stop_timeout: float,
+    remaining: Callable[[], float] | None = None, metrics: Metrics | None = None,
 ) -> Iterator[Servers]:
     """Run each ``(name, target)`` in a child for the duration of the block; stop all on every way out."""
-    group = Servers([ChildProcess(name, target) for name, target in servers])
+    group = Servers([ChildProcess(name, target) for name, target in servers], metrics)
     try:
         group.start()
         yield group
     finally:
-        group.stop(grace, remaining)
+        group.stop(child_stop_timeout, remaining)

@@ -1,7 +1,8 @@
-"""Everything that differs between Airflow versions, and nothing else.
+"""What differs between Airflow versions and more than one component needs, and nothing else.
 
-The rest of the package asks this module for "the scheduler's CLI arguments", "a job runner",
-"the serve-logs target", and never looks at ``airflow.__version__`` itself.
+What only one component needs lives in that component (``components/``). The rest of the package
+asks this module for "the command's CLI arguments", "run the job", "the serve-logs target", and
+never looks at ``airflow.__version__`` itself.
 
 Supported: 2.6.3 (the release of the original zombie report, Airflow #32706), the last 2.x line
 (2.10/2.11) and 3.0 to 3.3. Where an API simply appeared or moved, we look for it rather than
@@ -144,123 +145,19 @@ def conf_get(section: str, key: str, default: str) -> str:
     return conf.get(section, key) if airflow_has_key(section, key) else default
 
 
-def health_check_enabled() -> bool:
-    """``[scheduler] enable_health_check`` (off by default; every supported release has the key)."""
-    from airflow.configuration import conf
-
-    return conf.getboolean("scheduler", "enable_health_check")
-
-
-def health_check_address() -> tuple[str, int]:
-    """Where the installed Airflow's scheduler health server binds: 2.6 has no host setting, 0.0.0.0."""
-    host = conf_get("scheduler", "scheduler_health_check_server_host", "0.0.0.0")
-    return host, int(conf_get("scheduler", "scheduler_health_check_server_port", "8974"))
-
-
-def log_server_port() -> int:
-    """``[logging] worker_log_server_port``, which serve-logs binds on every address."""
-    return int(conf_get("logging", "worker_log_server_port", "8793"))
-
-
-def set_mp_start_method(component: str) -> None:
-    """Apply ``[core] mp_start_method`` and the component's own override (3.3+), as its command does."""
+def set_mp_start_method(key: str) -> None:
+    """Apply ``[core] mp_start_method`` and the component's own override (3.3+), as its command
+    does; ``key`` is the component's (``Component.key``)."""
     from airflow.utils import process_utils
 
     if hasattr(process_utils, "set_component_mp_start_method"):
-        process_utils.set_component_mp_start_method(component.replace("-", "_"))
-
-
-def new_scheduler_runner(args: argparse.Namespace) -> Any:
-    """A ``SchedulerJobRunner`` set up as the installed ``airflow scheduler`` command sets it up."""
-    from airflow.jobs.job import Job
-    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
-
-    kwargs: dict[str, Any] = {"job": Job(), "num_runs": args.num_runs}
-    if hasattr(args, "only_idle"):  # 3.2+
-        kwargs["only_idle"] = args.only_idle
-    if hasattr(args, "subdir"):  # 2.x: the scheduler parsed DAGs itself
-        from airflow.utils.cli import process_subdir
-
-        kwargs["subdir"] = process_subdir(args.subdir)
-    if hasattr(args, "do_pickle"):  # 2.x
-        kwargs["do_pickle"] = args.do_pickle
-    runner = SchedulerJobRunner(**kwargs)
-
-    from airflow.executors.executor_loader import ExecutorLoader
-
-    if not AIRFLOW_3 and hasattr(ExecutorLoader, "validate_database_executor_compatibility"):
-        # 2.x refuses a parallel executor on SQLite before it starts; 3.x does it in the executor.
-        for executor in executors(runner):
-            ExecutorLoader.validate_database_executor_compatibility(type(executor))
-    try:  # 2.6-2.10: the scheduler must talk to the DB directly, not through the internal API
-        from airflow.api_internal.internal_api_call import InternalApiConfig
-    except ImportError:
-        pass
-    else:
-        if hasattr(InternalApiConfig, "force_database_direct_access"):
-            InternalApiConfig.force_database_direct_access()
-    return runner
-
-
-def executors(job_runner: Any) -> list[Any]:
-    """The executors the scheduler will ``start()`` and ``end()`` (several since 2.10)."""
-    found = getattr(job_runner, "executors", None)
-    if found is None:
-        found = [job_runner.job.executor]
-    return list(found)
-
-
-def celery_broker_url() -> str:
-    """``[celery] broker_url``, or "" (the key comes with the Celery provider)."""
-    from airflow.configuration import conf
-
-    try:
-        return conf.get("celery", "broker_url", fallback="") or ""
-    except Exception:  # noqa: BLE001 - a secret backend's failure is the executor's to report
-        return ""
-
-
-def executor_worker_pids(executors: list[Any]) -> set[int]:
-    """The processes in which the executors run tasks on this host: each task is a child of one.
-
-    LocalExecutor keeps its workers in ``workers``: a dict by pid from Airflow 3, a list of
-    ``QueuedLocalWorker`` in 2.x. With ``parallelism = 0`` Airflow 2 starts one ``LocalWorker`` per
-    task and keeps none, so those are found among multiprocessing's children by their class.
-    Executors that run tasks elsewhere (Celery, Kubernetes) have none.
-    """
-    import multiprocessing.process
-
-    pids: set[int] = set()
-    for executor in executors:
-        workers = getattr(executor, "workers", None)
-        if isinstance(workers, dict):
-            workers = list(workers.values())
-        if not isinstance(workers, (list, tuple)):
-            continue
-        pids.update(w.pid for w in list(workers) if isinstance(getattr(w, "pid", None), int))
-    try:  # read-only look at multiprocessing's own set: active_children() would reap, racing join()
-        children = list(multiprocessing.process._children)
-    except (AttributeError, RuntimeError):
-        children = []
-    pids.update(c.pid for c in children if type(c).__name__ == "LocalWorker" and c.pid)
-    return pids
+        process_utils.set_component_mp_start_method(key)
 
 
 def run_job(job_runner: Any) -> int | None:
     from airflow.jobs.job import run_job as airflow_run_job
 
     return airflow_run_job(job=job_runner.job, execute_callable=job_runner._execute)
-
-
-def serves_logs() -> bool:
-    """Whether any configured executor wants the scheduler to serve task logs."""
-    from airflow.executors.executor_loader import ExecutorLoader
-
-    if not hasattr(ExecutorLoader, "get_executor_names"):  # before 2.10: one executor
-        return ExecutorLoader.import_default_executor_cls()[0].serve_logs
-    return any(
-        ExecutorLoader.import_executor_cls(name)[0].serve_logs for name in ExecutorLoader.get_executor_names()
-    )
 
 
 def serve_logs_target(port: int | None = None) -> Callable[[], None]:
@@ -270,114 +167,6 @@ def serve_logs_target(port: int | None = None) -> Callable[[], None]:
     from airflow.utils.serve_logs import serve_logs
 
     return serve_logs if port is None else functools.partial(serve_logs, port=port)
-
-
-def trigger_log_server_port() -> int:
-    """``[logging] trigger_log_server_port``, where the triggerer serves its trigger logs."""
-    from airflow.configuration import conf
-
-    return conf.getint("logging", "trigger_log_server_port", fallback=8794)
-
-
-def check_triggerer_args(args: argparse.Namespace) -> None:
-    """What ``airflow triggerer`` refuses from its flags and config (3.x: ``--queues``, ``--team-name``;
-    a team that does not exist fails its job as in stock)."""
-    from airflow.configuration import conf
-
-    from safe_scheduler.settings import UsageError
-
-    if getattr(args, "queues", None) and not conf.getboolean("triggerer", "queues_enabled", fallback=False):
-        raise UsageError("--queues option may only be used when [triggerer] queues_enabled is True")
-    if getattr(args, "team_name", None) and not conf.getboolean("core", "multi_team", fallback=False):
-        raise UsageError("--team-name option may only be used when [core] multi_team is enabled")
-
-
-def prepare_triggerer(args: argparse.Namespace) -> None:
-    """Secrets masking in the triggerer's logs, as ``airflow triggerer`` turns it on."""
-    try:
-        from airflow.sdk._shared.secrets_masker import SecretsMasker  # 3.x
-
-        SecretsMasker.enable_log_masking()
-    except ImportError:
-        from airflow import settings as airflow_settings
-
-        airflow_settings.MASK_SECRETS_IN_LOGS = True
-
-
-def new_triggerer_runner(args: argparse.Namespace) -> Any:
-    """A ``TriggererJobRunner`` set up as the installed ``airflow triggerer`` sets it up."""
-    import inspect
-
-    from airflow.configuration import conf
-    from airflow.jobs.job import Job
-    from airflow.jobs.triggerer_job_runner import TriggererJobRunner
-
-    kwargs: dict[str, Any] = {
-        "job": Job(heartrate=conf.getfloat("triggerer", "JOB_HEARTBEAT_SEC")),
-        "capacity": args.capacity,
-    }
-    accepted = inspect.signature(TriggererJobRunner.__init__).parameters
-    if "queues" in accepted:  # 3.2+
-        kwargs["queues"] = set(args.queues) if getattr(args, "queues", None) else None
-    if "team_name" in accepted:
-        kwargs["team_name"] = getattr(args, "team_name", None)
-    return TriggererJobRunner(**kwargs)
-
-
-def check_dag_processor_args(args: argparse.Namespace) -> None:
-    """What ``airflow dag-processor`` refuses: on 2.x it runs only standalone, and not on SQLite."""
-    from airflow.configuration import conf
-
-    from safe_scheduler.settings import UsageError
-
-    if AIRFLOW_3:
-        if getattr(args, "bundle_name", None):
-            from airflow.utils.cli import validate_dag_bundle_arg
-
-            try:
-                validate_dag_bundle_arg(args.bundle_name)
-            except SystemExit as exc:
-                raise UsageError(str(exc.code)) from None
-        return
-    if not conf.getboolean("scheduler", "standalone_dag_processor"):
-        raise UsageError("the dag-processor runs only with [scheduler] standalone_dag_processor = True")
-    if conf.get("database", "sql_alchemy_conn").lower().startswith("sqlite"):
-        raise UsageError("a standalone dag-processor is not supported with SQLite")
-
-
-def prepare_dag_processor(args: argparse.Namespace) -> None:
-    """2.10+: ``airflow dag-processor`` reloads its logging and DB settings before it runs."""
-    try:
-        from airflow.dag_processing.manager import reload_configuration_for_dag_processing
-    except ImportError:
-        return
-    reload_configuration_for_dag_processing()
-
-
-def new_dag_processor_runner(args: argparse.Namespace) -> Any:
-    """A ``DagProcessorJobRunner`` set up as the installed ``airflow dag-processor`` sets it up."""
-    from airflow.dag_processing.manager import DagFileProcessorManager
-    from airflow.jobs.dag_processor_job_runner import DagProcessorJobRunner
-    from airflow.jobs.job import Job
-
-    if AIRFLOW_3:
-        manager = DagFileProcessorManager(max_runs=args.num_runs, bundle_names_to_parse=args.bundle_name)
-    else:
-        # 2.x's manager calls multiprocessing.connection.wait() without importing the module: with
-        # no parsing process started yet (an empty DAG folder) stock crashes at its first loop.
-        import multiprocessing.connection  # noqa: F401
-        from datetime import timedelta
-
-        from airflow.configuration import conf
-
-        manager = DagFileProcessorManager(
-            processor_timeout=timedelta(seconds=conf.getint("core", "dag_file_processor_timeout")),
-            dag_directory=args.subdir,
-            max_runs=args.num_runs,
-            dag_ids=[],
-            pickle_dags=args.do_pickle,
-        )
-    return DagProcessorJobRunner(job=Job(), processor=manager)
 
 
 def forget_inherited_db_connections() -> None:
@@ -397,12 +186,6 @@ def forget_inherited_db_connections() -> None:
     engine = getattr(settings, "engine", None)
     if engine is not None:
         engine.dispose(close=False)
-
-
-def health_check_target() -> Callable[[], None]:
-    from airflow.utils.scheduler_health import serve_health_check
-
-    return serve_health_check
 
 
 def migrate_db_command() -> list[str]:
@@ -449,35 +232,3 @@ def on_heartbeat(job_runner: Any, callback: Callable[[], None]) -> None:
         return original(on_recorded, *args, **kwargs)
 
     job.heartbeat = heartbeat
-
-
-def stock_scheduler_leaks_children_on_error() -> bool:
-    """Whether the installed ``airflow scheduler`` has the zombie path of Airflow #32706.
-
-    There, ``_serve_logs``/``_serve_health_check`` stop their child only after a clean ``yield``
-    (no ``try/finally``): an exception in the scheduler leaves the child running, and
-    ``multiprocessing`` joins it forever at interpreter exit.
-    """
-    import inspect
-
-    try:
-        from airflow.cli.commands import scheduler_command
-
-        source = inspect.getsource(scheduler_command._serve_logs)
-    except (ImportError, AttributeError, OSError):
-        return False
-    return "finally" not in source
-
-
-def tasks_need_api_server_and_dag_processor() -> bool:
-    """Whether tasks run only with an ``airflow api-server`` and a separate ``airflow dag-processor``.
-
-    From Airflow 3 a task talks to the execution API instead of the database, and the scheduler no
-    longer parses DAG files itself; before, ``airflow scheduler`` alone runs tasks.
-    """
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("airflow.api_fastapi.execution_api") is not None
-    except ModuleNotFoundError:  # no airflow.api_fastapi at all
-        return False

@@ -26,6 +26,18 @@ def site_packages() -> Path:
     return Path(airflow.__file__).resolve().parent.parent
 
 
+def scheduler_leaks_children_on_error() -> bool:
+    """Whether the installed ``airflow scheduler`` has the zombie path of Airflow #32706.
+
+    There, ``_serve_logs``/``_serve_health_check`` stop their child only after a clean ``yield``
+    (no ``try/finally``): an exception in the scheduler leaves the child running, and
+    ``multiprocessing`` joins it forever at interpreter exit.
+    """
+    from airflow.cli.commands import scheduler_command
+
+    return "finally" not in inspect.getsource(scheduler_command._serve_logs)
+
+
 def zombie_paths() -> dict[str, bool]:
     """Each known path to a scheduler or triggerer that is dead but never exits: True where present."""
     from airflow.cli.commands import scheduler_command, triggerer_command
@@ -35,7 +47,8 @@ def zombie_paths() -> dict[str, bool]:
     triggerer = inspect.getsource(triggerer_command)
     trigger_logs = inspect.getsource(triggerer_command._serve_logs)
     return {
-        "scheduler: children stopped only after a clean exit, not in try/finally (#32706)": "finally" not in serve_logs,
+        "scheduler: children stopped only after a clean exit, not in try/finally (#32706)":
+            scheduler_leaks_children_on_error(),
         "scheduler: children only terminate()d: no timeout, no kill of their process tree": "_stop_child" not in serve_logs,
         "scheduler: no bound on the exit once the job has ended": "dump_traceback_later" not in source,
         "triggerer: serve-logs only terminate()d: no timeout, no kill of its process tree": "_stop_child" not in trigger_logs,

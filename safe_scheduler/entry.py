@@ -1,5 +1,6 @@
-"""The console scripts' entry points: before anything heavy is imported, decide whether this process
-is the tiny parent (``reaper``: the standard library only) or the job process (``cli``)."""
+"""The console scripts' entry points. Before anything heavy is imported, decide what this process
+is: ``doctor`` (no job), the tiny parent (``reaper``: the standard library only), or the job
+process (``cli``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from typing import NoReturn
 
 
 def _main(name: str) -> NoReturn:
+    argv = sys.argv[1:]
+    if argv[:1] == ["doctor"]:
+        from safe_scheduler import doctor
+
+        sys.exit(doctor.main(argv[1:]))
     from safe_scheduler import reaper
 
-    argv = sys.argv[1:]
     if reaper.wanted(argv):
         reaper.run(name, argv)
     from safe_scheduler import cli

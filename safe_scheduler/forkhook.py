@@ -1,25 +1,42 @@
-"""Children that die with the job process even when it cannot stop them (SIGKILL, OOM killer).
+"""Every process below the job dies with it, however it was started and whoever else died with it.
 
-Two mechanisms, because neither is enough alone:
+Two ties, because neither is enough alone:
 
-* Every child the job process forks from its main thread gets ``PR_SET_PDEATHSIG``: the kernel
-  sends it SIGTERM when the job process dies, so a task can still clean up (``on_kill``).
-* A death signal can be caught, and Airflow catches it: a worker that supervises a task forwards
-  SIGTERM to the task and carries on, and the task runs ``on_kill`` and carries on too. So every
-  direct child also holds the read end of a *lifeline*, a pipe whose write end only the job
-  process keeps open. It reads as end-of-file the moment the job process is gone, however it
-  died; the child then allows ``orphan_grace`` seconds for that graceful path and kills its tree
-  and itself.
+* The *death signal*: a child gets ``PR_SET_PDEATHSIG`` (SIGTERM, so that a task can still run
+  ``on_kill``), and the kernel sends it when the child's parent dies. Each process gets it from
+  its own parent, so killing any ancestor takes the whole line below it.
+* The *lifeline*: a death signal can be caught, and Airflow catches it (a worker that supervises a
+  task forwards SIGTERM and carries on). So every process that stands directly below the job (or
+  below the forkserver that forks for it) also holds the read end of a pipe whose write end only
+  the job keeps open. It reads as end-of-file the moment the job is gone, however it died; the
+  child then allows ``child_stop_timeout`` for its own graceful stop and kills its tree and itself.
 
-Both are set up by an ``os.register_at_fork`` hook, so they reach only processes this interpreter
-forks itself (``os.fork``, multiprocessing's ``fork`` start method). Processes started by exec
-(``subprocess``, the ``spawn`` and ``forkserver`` start methods) run none of it; every exit path
-the job process lives through still stops them (``tree.stop``), and the parent above the job
-(``reaper``) stops them once the job is gone, however it died.
+Both are set up in the new process by the same object, ``Lineage``, whichever way it started:
 
-Every decision the hook makes in the child is made from state the child owns, never from state a
-before-fork hook wrote: CPython may release the GIL between the before-fork hooks and ``fork()``,
-so two threads forking at once could swap such a value.
+* by ``os.fork`` (the ``fork`` start method, Airflow's own forks): an at-fork hook, inherited by
+  every fork below;
+* by exec (the ``spawn`` start method, and the ``forkserver`` itself): multiprocessing starts every
+  such interpreter through ``multiprocessing.util.spawnv_passfds``; ours puts one ``arm(...)`` call
+  in front of the child's ``-c`` program and passes the lifeline to it. In the forkserver, ``arm``
+  installs the at-fork hook, so every worker it forks carries both ties too.
+
+Why these and not the alternatives (the README's "kills" table shows what each leaves):
+
+* A wrapper executable that calls ``prctl`` before ``exec`` (``setpriv --pdeathsig``) sets only
+  the death signal, not the lifeline, and cannot tell whether a main thread started the child.
+* A cgroup of our own needs a delegated cgroup tree, which neither supervisord nor a shell gives,
+  and something alive to kill it: with the parent and the job both gone there is nobody.
+* A pidfd each child polls needs Python 3.9 (2.6.3 runs on 3.7) and code in the child anyway,
+  which is what ``arm`` is; the lifeline needs no polling.
+
+A plain ``subprocess`` (an operator's ``Popen``) runs no code of ours: it is stopped by the job on
+every way out it lives through, and by the parent (``reaper``) once the job is gone; only a kill of
+both at once leaves it to the cgroup (systemd's ``KillMode=control-group``, the pod's container).
+
+``PR_SET_PDEATHSIG`` fires when the *thread* that forked dies, not the process, so only children
+started by a main thread get it; the lifeline ties the others. Every decision is made from state
+the child owns (its parent's pid and main thread, copied at fork), never from what a before-fork
+hook wrote: CPython may release the GIL between those hooks and ``fork()``.
 """
 
 from __future__ import annotations
@@ -29,115 +46,168 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from typing import Any
 
 from safe_scheduler import exitcodes, output, threads, tree
-from safe_scheduler.prctl import PR_SET_PDEATHSIG, death_signal, prctl
+from safe_scheduler.prctl import death_signal, set_death_signal
 
 log = logging.getLogger("safe_scheduler.forkhook")
 
-#: Signal the kernel sends a forked child when the job process dies: SIGTERM lets tasks clean up.
+#: Signal the kernel sends a child when its parent dies: SIGTERM lets tasks clean up.
 DEFAULT_DEATH_SIGNAL = signal.SIGTERM
+#: The ``-c`` programs of the interpreters multiprocessing starts by exec that we arm: a spawned
+#: process and the forkserver. The resource tracker is left alone: it outlives the others on
+#: purpose, to clean up after them, and ends once the last of them is gone.
+ARMED_PROGRAMS = ("from multiprocessing.spawn import", "from multiprocessing.forkserver import")
+#: What goes in front of an armed ``-c`` program. Without our package (an interpreter of another
+#: environment) the child starts as it would have.
+ARMING = (
+    "try:\n"
+    "    from safe_scheduler.forkhook import arm\n"
+    "except ImportError:\n"
+    "    pass\n"
+    "else:\n"
+    "    arm({job_pid}, {parent_pid}, {child_stop_timeout!r}, {lifeline}, {death_signal}, {forkserver})\n"
+)
 
-_installed = False
-#: The job process, whose death the children follow.
-_job_pid = 0
-#: This process's pid and main thread, as this process knows them (inherited, then updated in
-#: the child): the child compares them with what it finds after fork, race-free.
-_pid = 0
-_main_ident = 0
-_after_fork_callbacks: list[Callable[[], None]] = []
-#: The lifeline's ends; -1 where this process does not hold that end.
-_lifeline_read = -1
-_lifeline_write = -1
-_orphan_grace = 5.0
 
+class Lineage:
+    """This process's place below the job: who the job is, who its parent is, and its ties.
 
-def set_death_signal(sig: int, parent_pid: int | None = None) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent thread dies (Linux only).
-
-    If the parent is already gone by the time we ask (it died between fork and here), the request
-    would never fire: deliver ``sig`` to ourselves at once instead. Raises OSError from prctl.
+    One per process. The job makes it (``install``); a fork copies it, and its at-fork hook brings
+    the copy up to date; a process started by exec makes its own (``arm``).
     """
-    prctl(PR_SET_PDEATHSIG, int(sig))
-    if parent_pid and os.getppid() != parent_pid:
-        os.kill(os.getpid(), sig)
 
+    def __init__(self, job_pid: int, child_stop_timeout: float, lifeline_read: int = -1,
+                 lifeline_write: int = -1, holder_pid: int | None = None) -> None:
+        #: The job process, whose end every process below it follows.
+        self.job_pid = job_pid
+        #: Seconds a process whose lifeline broke gives its own graceful stop before it kills its tree.
+        self.child_stop_timeout = child_stop_timeout
+        #: The lifeline's ends in this process; -1 where it does not hold that end.
+        self.lifeline_read = lifeline_read
+        self.lifeline_write = lifeline_write
+        #: The process whose children watch the lifeline: the job, or a forkserver that forks for it.
+        self.holder_pid = os.getpid() if holder_pid is None else holder_pid
+        #: This process and its main thread, as it knows them: a child compares them after fork.
+        self.pid = os.getpid()
+        self.main_ident = threading.main_thread().ident or 0
 
-def _after_fork_in_child() -> None:
-    global _pid, _main_ident, _lifeline_read, _lifeline_write
-    parent_pid, parent_main = _pid, _main_ident
-    forked_from_main_thread = threading.get_ident() == parent_main
-    _pid, _main_ident = os.getpid(), threading.get_ident()  # this thread is the child's main thread
-    for callback in _after_fork_callbacks:
-        callback()
-    if _lifeline_write >= 0:
-        os.close(_lifeline_write)  # only the job process may hold it, or the pipe never reads as closed
-        _lifeline_write = -1
-    if parent_pid == _job_pid:
-        if _lifeline_read >= 0:
-            threads.start_daemon("safe-orphan-wd", _exit_when_orphaned, _lifeline_read)
-        # The job process's SIGTERM handler is inherited by fork but meant for it alone: Airflow's
-        # ``_exit_gracefully`` does nothing outside the parent, so an executor worker would ignore
-        # SIGTERM, its death signal included. Give the child the default disposition it would have
-        # had if spawned; the task processes it starts install their own handlers.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    elif _lifeline_read >= 0:
-        os.close(_lifeline_read)  # a grandchild: its parent watches the lifeline for it
-        _lifeline_read = -1
-    # PR_SET_PDEATHSIG fires when the *thread* that forked exits, not the process. A child forked by
-    # a short-lived helper thread would be killed when that thread ends, so only children forked by
-    # a main thread are tied to their parent by the kernel.
-    if forked_from_main_thread:
+    # -- the job's side ------------------------------------------------------------------------------
+
+    def hook(self) -> None:
+        """Tie every process forked or started by exec from now on (here and below) to its parent."""
+        os.register_at_fork(after_in_child=self.after_fork_in_child)
+        import multiprocessing.util
+
+        original = multiprocessing.util.spawnv_passfds
+        lineage = self
+
+        def spawnv_passfds(path: Any, args: Any, passfds: Any) -> int:
+            args, passfds = lineage.armed(list(args), list(passfds))
+            return original(path, args, passfds)
+
+        multiprocessing.util.spawnv_passfds = spawnv_passfds
+
+    def armed(self, args: list[str], passfds: list[int]) -> tuple[list[str], list[int]]:
+        """``args`` with ``arm(...)`` in front of a spawned process's or the forkserver's program,
+        and the fds to pass with the lifeline added (for a child of the job)."""
+        try:
+            at = args.index("-c") + 1
+        except ValueError:
+            return args, passfds
+        if at >= len(args) or not args[at].startswith(ARMED_PROGRAMS):
+            return args, passfds
+        lifeline = self.lifeline_read if os.getpid() == self.job_pid else -1
+        args[at] = ARMING.format(
+            job_pid=self.job_pid, parent_pid=os.getpid(), child_stop_timeout=self.child_stop_timeout,
+            lifeline=lifeline, forkserver=args[at].startswith(ARMED_PROGRAMS[1]),
+            # Only a main thread's child may get a death signal (see the module's docstring).
+            death_signal=threading.current_thread() is threading.main_thread(),
+        ) + args[at]
+        return args, passfds + ([lifeline] if lifeline >= 0 else [])
+
+    # -- the child's side ----------------------------------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        parent_pid, parent_main = self.pid, self.main_ident
+        forked_from_main_thread = threading.get_ident() == parent_main
+        self.pid, self.main_ident = os.getpid(), threading.get_ident()  # this thread is our main thread
+        if self.lifeline_write >= 0:
+            os.close(self.lifeline_write)  # only the job may hold it, or the pipe never reads as closed
+            self.lifeline_write = -1
+        if parent_pid == self.holder_pid:
+            if parent_pid == self.job_pid:
+                # The job's SIGTERM handler is inherited by fork but meant for it alone: Airflow's
+                # ``_exit_gracefully`` does nothing outside the job, so an executor worker would
+                # ignore SIGTERM, its death signal included. Give it the default it would have had
+                # if spawned; the task processes it starts install their own handlers.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self.watch_lifeline()
+        elif self.lifeline_read >= 0:
+            os.close(self.lifeline_read)  # deeper down: its parent watches the lifeline for it
+            self.lifeline_read = -1
+        if forked_from_main_thread:
+            self.follow(parent_pid)
+
+    def follow(self, parent_pid: int) -> None:
+        """Get the death signal from ``parent_pid``, or at once if it is already gone."""
         try:
             set_death_signal(DEFAULT_DEATH_SIGNAL, parent_pid)
         except OSError as exc:
             log.warning("pid %d gets no death signal (prctl: %s): it may outlive pid %d",
-                        _pid, exc.strerror or exc, parent_pid)
+                        os.getpid(), exc.strerror or exc, parent_pid)
+
+    def watch_lifeline(self) -> None:
+        if self.lifeline_read >= 0:
+            threads.start_daemon("safe-orphan-wd", self._exit_when_orphaned)
+
+    def _exit_when_orphaned(self) -> None:
+        """Block until the job is gone, then make sure this process follows it."""
+        try:
+            while os.read(self.lifeline_read, 1):  # nobody writes: b"" once the job is gone
+                pass
+        except OSError:
+            return
+        # Logging here may never return (this process's main thread can hold its lock): beside.
+        output.in_background(
+            log.warning, "Job process (pid %d) is gone; pid %d exits within %gs, its own shutdown first",
+            self.job_pid, os.getpid(), self.child_stop_timeout,
+        )
+        time.sleep(self.child_stop_timeout)
+        killed = tree.kill_all_below_us()
+        output.bounded(
+            output.SAY_GRACE, log.warning,
+            "Killed %d process(es) below pid %d, which outlived the job process", killed, os.getpid(),
+        )
+        os._exit(exitcodes.FAILED)
 
 
-def install(orphan_grace: float = 5.0) -> None:
-    """Make every process forked from now on (and, inherited, from its children) die with its parent.
-
-    ``orphan_grace``: how long a child whose job process is gone waits for its own graceful
-    shutdown (a task's ``on_kill``) before it kills its process tree and exits.
-    """
-    global _installed, _job_pid, _pid, _main_ident, _lifeline_read, _lifeline_write, _orphan_grace
-    if _installed or not hasattr(os, "register_at_fork"):
-        return
+def install(child_stop_timeout: float) -> Lineage:
+    """In the job: tie every process started below it from now on to the job, and to its parent."""
     try:
         death_signal()  # the same system call the children make: find out now if it fails
     except OSError as exc:
         log.warning("Children will get no death signal (prctl: %s): a SIGKILLed process leaves them", exc)
-    _job_pid = _pid = os.getpid()
-    _main_ident = threading.main_thread().ident or 0
-    _orphan_grace = orphan_grace
-    _lifeline_read, _lifeline_write = os.pipe()
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    _installed = True
+    read_end, write_end = os.pipe()
+    lineage = Lineage(os.getpid(), child_stop_timeout, read_end, write_end)
+    lineage.hook()
+    return lineage
 
 
-def run_after_fork_in_child(callback: Callable[[], None]) -> None:
-    """Register ``callback`` to run first thing in every forked child (needs ``install``)."""
-    _after_fork_callbacks.append(callback)
+def arm(job_pid: int, parent_pid: int, child_stop_timeout: float, lifeline: int, death: bool,
+        forkserver: bool) -> None:
+    """First thing in an interpreter multiprocessing started by exec below the job (``ARMING``).
 
-
-def _exit_when_orphaned(read_end: int) -> None:
-    """In a direct child: block until the job process is gone, then make sure this child follows."""
-    try:
-        while os.read(read_end, 1):  # nobody ever writes: this returns b"" once the job process is gone
-            pass
-    except OSError:
-        return
-    # Logging here may never return (this child's main thread can hold its lock), so it runs beside.
-    output.in_background(
-        log.warning, "Job process (pid %d) is gone; pid %d exits within %gs, its own shutdown first",
-        _job_pid, os.getpid(), _orphan_grace,
-    )
-    time.sleep(_orphan_grace)
-    killed = tree.kill_all_below_us()
-    output.bounded(
-        output.SAY_GRACE, log.warning,
-        "Killed %d process(es) below pid %d, which outlived the job process", killed, os.getpid(),
-    )
-    os._exit(exitcodes.FAILED)
+    A spawned process is tied like a forked one: the death signal (where a main thread started
+    it), the lifeline (where the job did). The forkserver gets the death signal and passes both
+    ties on to every process it forks; it watches no lifeline itself (a thread in a process that
+    forks is a hazard, and it ends by itself once the job is gone: its ``alive`` pipe closes).
+    """
+    holder = os.getpid() if forkserver else job_pid
+    lineage = Lineage(job_pid, child_stop_timeout, lifeline, -1, holder_pid=holder)
+    if death:
+        lineage.follow(parent_pid)
+    if not forkserver:
+        lineage.watch_lifeline()  # passed only to the job's own children
+    lineage.hook()

@@ -12,31 +12,27 @@ import logging
 
 log = logging.getLogger("safe_scheduler.metrics")
 
-PREFIX = "safe_scheduler."
 
+class Metrics:
+    """The metrics of one component; made once by the runner and handed to whoever counts."""
 
-def use_component(name: str) -> None:
-    """Name every metric from now on after ``name`` ("dag-processor" -> ``safe_dag_processor.``)."""
-    global PREFIX
-    PREFIX = "safe_" + name.replace("-", "_") + "."
+    def __init__(self, key: str = "scheduler") -> None:
+        #: "scheduler", "triggerer", "dag_processor" (``settings.key_of``).
+        self.prefix = f"safe_{key}."
 
+    def _emit(self, kind: str, name: str, value: float) -> None:
+        try:
+            from safe_scheduler import compat
 
-def _emit(kind: str, name: str, value: float) -> None:
-    try:
-        from safe_scheduler import compat
+            getattr(compat.stats(), kind)(self.prefix + name, value)
+        except Exception:  # noqa: BLE001
+            log.debug("could not emit %s", name, exc_info=True)
 
-        getattr(compat.stats(), kind)(PREFIX + name, value)
-    except Exception:  # noqa: BLE001
-        log.debug("could not emit %s", name, exc_info=True)
+    def incr(self, name: str, count: int = 1) -> None:
+        self._emit("incr", name, count)
 
+    def gauge(self, name: str, value: float) -> None:
+        self._emit("gauge", name, value)
 
-def incr(name: str, count: int = 1) -> None:
-    _emit("incr", name, count)
-
-
-def gauge(name: str, value: float) -> None:
-    _emit("gauge", name, value)
-
-
-def timing(name: str, seconds: float) -> None:
-    _emit("timing", name, seconds * 1000.0)
+    def timing(self, name: str, seconds: float) -> None:
+        self._emit("timing", name, seconds * 1000.0)

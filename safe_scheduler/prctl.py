@@ -37,3 +37,14 @@ def death_signal() -> int:
     value = ctypes.c_int(0)
     prctl(PR_GET_PDEATHSIG, ctypes.byref(value))
     return value.value
+
+
+def set_death_signal(sig: int, parent_pid: int) -> None:
+    """Ask the kernel for ``sig`` when our parent (``parent_pid``) dies; raise OSError from prctl.
+
+    If the parent is already gone by the time we ask (it died between fork and here), the request
+    would never fire: deliver ``sig`` to ourselves at once instead.
+    """
+    prctl(PR_SET_PDEATHSIG, int(sig))
+    if parent_pid and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)

@@ -8,18 +8,87 @@ exit code 2 before a single process is forked.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
+import os
 import socket
 import subprocess
+import traceback
+import warnings
 
-from safe_scheduler import compat
-from safe_scheduler.settings import UsageError
+from safe_scheduler import __version__, components, exitcodes
+from safe_scheduler.component import Component
+from safe_scheduler.settings import SECTION, Settings, UsageError, health_port_key
 
 log = logging.getLogger("safe_scheduler.preflight")
 
 #: Seconds to wait for the metadata database to accept a connection before giving up.
 DB_CONNECT_TIMEOUT = 10
+
+
+def prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace, Settings]:
+    """Parse, read the settings once, check everything; raise UsageError with one line if anything
+    is off (``SystemExit(0)`` for ``--version``, ``--help``)."""
+    try:
+        return _prepare(name, argv)
+    except (UsageError, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - see _unforeseen
+        raise _unforeseen(exc, name) from None
+
+
+def _load_airflow() -> None:
+    try:
+        from airflow.configuration import conf  # noqa: F401
+
+        from safe_scheduler import compat  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - Airflow fails at import on a broken config
+        if os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "x").strip() == "":
+            raise UsageError(
+                "no metadata database configured: AIRFLOW__DATABASE__SQL_ALCHEMY_CONN is empty"
+            ) from None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"cannot load Airflow ({type(exc).__name__}: {message}); "
+            "check airflow.cfg and the AIRFLOW__* environment, [database] sql_alchemy_conn first"
+        ) from None
+
+
+def _prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace, Settings]:
+    _load_airflow()
+    from airflow.configuration import conf
+
+    from safe_scheduler import compat, flags, settings
+
+    component = components.get(name)
+    warnings.simplefilter("ignore")  # again: importing Airflow 2.x installs its own warning filters
+    args = flags.build_parser(component).parse_args(argv)
+    if args.version:
+        print(f"{component.prog} {__version__} (Apache Airflow {compat.AIRFLOW_VERSION})")
+        raise SystemExit(exitcodes.OK)
+    if compat.wants_hot_reload(args):
+        raise UsageError(f"--dev (hot reload) is for development; use 'airflow {component.name} --dev' for that")
+    config = settings.load(flags.overrides(args), conf, component)
+    component.check(args)
+    check_metadata_db(conf)
+    for server in component.servers(args):
+        check_port_free(server.host, server.port, server.key)
+    if config.enable_health_check:
+        key = f"[{SECTION}] {health_port_key(component.name)}"
+        check_port_free(config.health_check_server_host, config.health_check_server_port, key)
+    return component, args, config
+
+
+def _unforeseen(exc: BaseException, name: str) -> UsageError:
+    """Anything we did not foresee before start is still one line and exit 2, never a traceback."""
+    text = str(exc).strip()
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
+    return UsageError(
+        f"could not prepare the {name}: {type(exc).__name__}: "
+        f"{text.splitlines()[0] if text else 'no message'}{at}"
+    )
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
@@ -92,6 +161,8 @@ def check_metadata_db(conf) -> None:
             f"the metadata database {_redacted(url)} is not initialised: run 'airflow db migrate' first"
         )
     log.info("Setting up the embedded SQLite metadata database %s", url.database)
+    from safe_scheduler import compat
+
     done = subprocess.run(compat.migrate_db_command(), capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]

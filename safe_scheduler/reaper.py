@@ -16,7 +16,9 @@ tini does, the command the user starts is a small parent that:
 
 The parent imports only the standard library and ``prctl`` (no Airflow, no psutil), starts no
 thread, writes nothing (so a full pipe cannot hold it), and lowers its OOM score where it may, so
-that the OOM killer's pick is the job process, whose death it handles. The job process in turn gets
+that the OOM killer's pick is the job process, whose death it handles. It reads no configuration:
+the job, once it has read and validated the settings, hands the parent the one it needs
+(``child_stop_timeout``) through a pipe (``Parent.tell``). The job process in turn gets
 SIGTERM when this parent dies (``PR_SET_PDEATHSIG``, ``follow_parent``) and stops its own tree
 while that tree is still whole, within its usual deadline.
 
@@ -29,16 +31,18 @@ parent here is the same idea, always there, and costs one small process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
 from typing import NoReturn
 
-from safe_scheduler.prctl import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
+from safe_scheduler.prctl import PR_SET_CHILD_SUBREAPER, prctl, set_death_signal
 
-#: Set for the job process: the parent's pid. Its presence means "you are the job".
-PARENT_ENV = "_SAFE_SCHEDULER_PARENT_PID"
+#: Set for the job process: "<the parent's pid>:<the fd to tell it the settings on>". Its presence
+#: means "you are the job".
+PARENT_ENV = "_SAFE_SCHEDULER_PARENT"
 #: Signals a supervisor or a terminal sends that belong to the job (SIGKILL/SIGSTOP cannot be caught).
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 #: Our OOM score adjustment. Lowering it needs CAP_SYS_RESOURCE, which the official image's user
@@ -46,60 +50,73 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 OOM_SCORE_ADJ = -500
 #: Seconds between two looks at what is left below us, once the job is gone.
 POLL = 0.05
-DEFAULT_GRACE = 5.0
 #: Seconds SIGKILL is given to take everything below us before the parent exits regardless.
 KILL_WAIT = 5.0
 
-#: In the job process: the parent's pid (0 when there is none: ``-D``, or not Linux).
-parent_pid = 0
+
+class Parent:
+    """The job's view of the parent above it: its pid (0 where there is none: ``-D``, not Linux)."""
+
+    def __init__(self, pid: int = 0, fd: int = -1) -> None:
+        self.pid = pid
+        self._fd = fd
+        #: Why the job gets no death signal from the parent ("" where it does, or there is none).
+        self.no_death_signal = ""
+
+    def tell(self, child_stop_timeout: float) -> None:
+        """Hand the parent the settings it needs, read and validated once, by the job."""
+        if self._fd < 0:
+            return
+        try:
+            os.write(self._fd, json.dumps({"child_stop_timeout": child_stop_timeout}).encode())
+        except OSError:
+            pass  # the parent is gone: the death signal is on its way
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def wanted(argv: list[str]) -> bool:
-    """Whether this process should be the parent: not in the job itself, not for ``doctor`` (no
-    job), and not for ``-D`` (the daemon leaves its launcher behind, which is what ``-D`` is for)."""
-    if PARENT_ENV in os.environ or not sys.platform.startswith("linux") or argv[:1] == ["doctor"]:
+    """Whether this process should be the parent: not in the job itself, and not for ``-D`` (the
+    daemon leaves its launcher behind, which is what ``-D`` is for)."""
+    if PARENT_ENV in os.environ or not sys.platform.startswith("linux"):
         return False
     return not any(arg in ("-D", "--daemon") for arg in argv)
 
 
-def follow_parent() -> None:
+def follow_parent() -> Parent:
     """In the job process: SIGTERM when the parent dies, so that it stops its tree itself."""
-    global parent_pid
-    parent_pid = int(os.environ.pop(PARENT_ENV, "0") or 0)
-    if not parent_pid:
-        return
-    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    if os.getppid() != parent_pid:  # it died before we asked
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _from_airflow_cfg(key: str) -> str:
-    """``[safe_scheduler] key`` from airflow.cfg, read as a plain ini file (no Airflow loaded here)."""
-    import configparser
-
-    home = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
-    parser = configparser.ConfigParser(interpolation=None)
+    pid, _, fd = os.environ.pop(PARENT_ENV, "").partition(":")
+    if not pid:
+        return Parent()
+    parent = Parent(int(pid), int(fd) if fd else -1)
+    if parent._fd >= 0:
+        os.set_inheritable(parent._fd, False)  # nothing the job starts may keep the parent waiting
     try:
-        parser.read(os.environ.get("AIRFLOW_CONFIG", os.path.join(home, "airflow.cfg")))
-        return parser.get("safe_scheduler", key, fallback="")
-    except (configparser.Error, OSError, UnicodeDecodeError):
-        return ""
+        set_death_signal(signal.SIGTERM, parent.pid)
+    except OSError as exc:
+        parent.no_death_signal = f"prctl: {exc}"
+    return parent
 
 
-def _grace(argv: list[str]) -> float:
-    """``child_stop_timeout`` as the job reads it: the flag, else the environment, else airflow.cfg
-    (the job validates it and refuses a bad one; anything odd here means the default)."""
-    raw = os.environ.get("AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT", "") or _from_airflow_cfg("child_stop_timeout")
-    for i, arg in enumerate(argv):
-        if arg == "--child-stop-timeout" and i + 1 < len(argv):
-            raw = argv[i + 1]
-        elif arg.startswith("--child-stop-timeout="):
-            raw = arg.split("=", 1)[1]
+def _told(read_end: int) -> float:
+    """What the job tells us (``Parent.tell``): its ``child_stop_timeout``. Blocks until the job has
+    told or is gone; a job that never told has started nothing of its own yet: no grace."""
+    data = b""
     try:
-        value = float(raw)
-    except ValueError:
-        return DEFAULT_GRACE
-    return value if 0 <= value < 3600 else DEFAULT_GRACE
+        while True:
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    finally:
+        os.close(read_end)
+    try:
+        return float(json.loads(data or b"{}").get("child_stop_timeout", 0.0))
+    except (ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def _job_command(name: str, argv: list[str]) -> list[str]:
@@ -150,15 +167,15 @@ def _reap() -> bool:
             return True
 
 
-def _sweep(grace: float) -> None:
-    """Stop everything below us; SIGTERM and up to ``grace`` seconds first, where there is one.
+def _sweep(child_stop_timeout: float) -> None:
+    """Stop everything below us; SIGTERM and up to ``child_stop_timeout`` first, where there is one.
 
     What cannot be killed (another user's process, one stuck in the kernel) is given up after
     ``KILL_WAIT``: the parent must exit too, and its exit hands those to init.
     """
-    if grace > 0 and _below_us():
+    if child_stop_timeout > 0 and _below_us():
         _signal_all(_below_us(), signal.SIGTERM)
-        deadline = time.monotonic() + grace
+        deadline = time.monotonic() + child_stop_timeout
         while _reap() and _below_us() and time.monotonic() < deadline:
             time.sleep(POLL)
     deadline = time.monotonic() + KILL_WAIT
@@ -200,12 +217,15 @@ def run(name: str, argv: list[str]) -> NoReturn:
         os.execv(sys.executable, command)
     inherited = _oom_score_adj(OOM_SCORE_ADJ)
     me = os.getpid()
+    read_end, write_end = os.pipe()
     job = os.fork()
     if job == 0:
         try:
+            os.close(read_end)
+            os.set_inheritable(write_end, True)
             _oom_score_adj(inherited)  # the job is the OOM killer's pick, as it was without us
             os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent only, which forwards it once
-            os.environ[PARENT_ENV] = str(me)
+            os.environ[PARENT_ENV] = f"{me}:{write_end}"
             if "WATCHDOG_PID" in os.environ:  # systemd's watchdog is fed by the job
                 os.environ["WATCHDOG_PID"] = str(os.getpid())
             os.execv(sys.executable, command)
@@ -223,6 +243,8 @@ def run(name: str, argv: list[str]) -> NoReturn:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    os.close(write_end)
+    child_stop_timeout = _told(read_end)
     status = 1 << 8
     while True:
         try:
@@ -234,5 +256,5 @@ def run(name: str, argv: list[str]) -> NoReturn:
             break
     # The job stops its own tree on every way out it lives through; what is left now was missed
     # (started by exec, its own session) or the job was killed: a killed job's tasks get their grace.
-    _sweep(_grace(argv) if os.WIFSIGNALED(status) else 0.0)
+    _sweep(child_stop_timeout if os.WIFSIGNALED(status) else 0.0)
     os._exit(_exit_code(status))

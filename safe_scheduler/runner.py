@@ -17,10 +17,11 @@ import time
 from typing import Any
 
 from safe_scheduler import (
-    brokerhold, children, compat, dbtimeouts, forkhook, healthserver, metrics, output, signals, systemd, taskstop,
-    tree,
+    brokerhold, children, compat, dbtimeouts, forkhook, healthserver, output, signals, systemd, taskstop, tree,
 )
 from safe_scheduler.component import Component
+from safe_scheduler.metrics import Metrics
+from safe_scheduler.reaper import Parent
 from safe_scheduler.settings import Settings
 from safe_scheduler.shutdown import Cause, Shutdown
 from safe_scheduler.stall import StallWatchdog
@@ -28,25 +29,25 @@ from safe_scheduler.stall import StallWatchdog
 log = logging.getLogger("safe_scheduler.runner")
 
 
-def run(component: Component, args: argparse.Namespace, settings: Settings) -> int:
+def run(component: Component, args: argparse.Namespace, settings: Settings, parent: Parent) -> int:
     """Run the component's job in this process; return its exit code once every child is gone."""
     started = time.monotonic()
-    metrics.use_component(component.name)
-    shutdown = Shutdown(settings.shutdown_timeout, name=component.name)
-    notifier = systemd.Notifier()
+    metrics = Metrics(component.key)
+    shutdown = Shutdown(settings.shutdown_timeout, name=component.name, metrics=metrics)
+    notifier = systemd.Notifier(parent_pid=parent.pid)
     stall = StallWatchdog(
-        settings.stall_timeout, name=component.name,
+        settings.stall_timeout, name=component.name, metrics=metrics,
         on_stall=lambda why: shutdown.begin(f"stalled: {why}", Cause.STALLED),
     )
     shutdown.on_begin += [notifier.stopping, stall.stop]
     signals.SignalListener(lambda name: shutdown.begin(f"received {name}", Cause.SIGNAL)).start()
-    forkhook.install(orphan_grace=settings.child_stop_timeout)
+    forkhook.install(settings.child_stop_timeout)
     if settings.db_timeouts:
         dbtimeouts.apply(compat.metadata_engine())
 
     try:
         _serve_health(settings, shutdown, stall)
-        _run_job(component, args, settings, shutdown, stall, notifier)
+        _run_job(component, args, settings, shutdown, stall, notifier, metrics)
     except BaseException as exc:  # noqa: BLE001 - every way out must reach the sweep below
         shutdown.run_ended(exc)
     else:
@@ -54,7 +55,9 @@ def run(component: Component, args: argparse.Namespace, settings: Settings) -> i
     # The servers are stopped; anything else below us (executor workers that end() did not finish,
     # tasks, a server's grandchildren) goes now, within what the deadline leaves.
     try:
-        tree.stop(tree.descendants(), settings.child_stop_timeout, shutdown.remaining, what="leftover processes")
+        outcome = tree.stop(tree.descendants(), settings.child_stop_timeout, shutdown.remaining,
+                            what="leftover processes")
+        metrics.incr("children_killed", len(outcome.killed))
     except Exception:  # noqa: BLE001 - a bug of ours must not leave a child behind
         log.exception("The final sweep failed; killing every process below us")
         tree.kill_all_below_us()
@@ -64,9 +67,9 @@ def run(component: Component, args: argparse.Namespace, settings: Settings) -> i
 
 def _run_job(
     component: Component, args: argparse.Namespace, settings: Settings, shutdown: Shutdown,
-    stall: StallWatchdog, notifier: systemd.Notifier,
+    stall: StallWatchdog, notifier: systemd.Notifier, metrics: Metrics,
 ) -> None:
-    compat.set_mp_start_method(component.name)
+    compat.set_mp_start_method(component.key)
     component.prepare(args)
     job_runner = component.new_job_runner(args)
 
@@ -80,21 +83,19 @@ def _run_job(
 
     compat.on_heartbeat(job_runner, heartbeat)
     executors = component.executors(job_runner)
-    # What comes after the tasks must still fit: the servers' stop, and the kill of what is left.
-    after_tasks = settings.child_stop_timeout + tree.KILL_RESERVE
     tasks = taskstop.TaskStop(
-        taskstop.below(lambda: compat.executor_worker_pids(executors)),
-        settings.task_drain_timeout, settings.task_cleanup_timeout, shutdown.remaining, reserve=after_tasks,
+        taskstop.below(lambda: component.executor_worker_pids(executors)), settings, shutdown.remaining, metrics,
     )
     shutdown.on_begin.insert(0, tasks.start)  # first: the other hooks may be slow, tasks need the time
     # The scheduler loop's own ``finally`` calls ``executor.end()``, which waits for running tasks
     # with no bound (and Celery's may wait on its broker): that is already shutdown.
     for executor in executors:
-        executor.end = _end_within_deadline(shutdown, tasks, executor.end, after_tasks)
-        brokerhold.install(executor)
+        # What comes after the tasks must still fit: the servers' stop, and the kill of what is left.
+        executor.end = _end_within_deadline(shutdown, tasks, executor.end, settings.after_tasks)
+        brokerhold.install(executor, metrics)
 
     servers = [(server.name, server.target) for server in component.servers(args)]
-    with children.running(servers, settings.child_stop_timeout, shutdown.remaining) as started:
+    with children.running(servers, settings.child_stop_timeout, shutdown.remaining, metrics) as started:
         running.append(started)
         try:
             stall.start()
@@ -119,7 +120,7 @@ def _serve_health(settings: Settings, shutdown: Shutdown, stall: StallWatchdog) 
         raise RuntimeError(f"cannot serve the liveness endpoint on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def _end_within_deadline(shutdown: Shutdown, tasks: taskstop.TaskStop, end: Any, reserve: float) -> Any:
+def _end_within_deadline(shutdown: Shutdown, tasks: taskstop.TaskStop, end: Any, after_tasks: float) -> Any:
     """``executor.end()`` once the tasks are stopped, given what the deadline leaves, not forever.
 
     Past that it is left running in its thread (the process is on its way out), and the stop goes
@@ -138,7 +139,7 @@ def _end_within_deadline(shutdown: Shutdown, tasks: taskstop.TaskStop, end: Any,
             except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
                 result["error"] = exc
 
-        budget = max(0.0, shutdown.remaining() - reserve)
+        budget = max(0.0, shutdown.remaining() - after_tasks)
         if not output.bounded(budget, call):
             output.in_background(
                 log.warning, "executor.end() did not return within %.1fs; going on without it", budget

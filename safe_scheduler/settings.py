@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # component imports this module
+    from safe_scheduler.component import Component
 
 SECTION = "safe_scheduler"
 
@@ -22,12 +26,9 @@ DEFAULTS: dict[str, float | None] = {
 #: A scheduler is unhealthy after ``[scheduler] scheduler_health_check_threshold`` seconds without
 #: a heartbeat; it is declared hung after twice that, so a slow loop a probe tolerates is not killed.
 STALL_FACTOR = 2
-#: Our liveness endpoint's port per component, so that the three can run on one host as they are.
-#: Beside Airflow's own 8793 (worker logs), 8794 (trigger logs) and 8974 (scheduler health check).
-HEALTH_PORTS = {"scheduler": 8975, "triggerer": 8976, "dag-processor": 8977}
-#: Seconds of the deadline kept for SIGKILL and reaping, once after the tasks, once after the servers
-#: (``tree.KILL_RESERVE`` each; not imported, so that this module loads without psutil).
-KILL_RESERVES = 2.0
+#: Seconds of what the deadline leaves that every stop keeps for SIGKILL and reaping after its polite
+#: wait (``tree.stop``). A shutdown pays it twice: once after the tasks, once after the servers.
+KILL_RESERVE = 1.0
 
 
 class UsageError(Exception):
@@ -52,8 +53,14 @@ class Settings:
     #: seconds without a heartbeat it answers 503 (the stall timeout, else twice Airflow's threshold).
     enable_health_check: bool = True
     health_check_server_host: str = "0.0.0.0"
-    health_check_server_port: int = HEALTH_PORTS["scheduler"]
+    health_check_server_port: int = 8975
     unhealthy_after: float = 60.0
+
+    @property
+    def after_tasks(self) -> float:
+        """Seconds of the deadline that must be left once the tasks are stopped: the servers' stop
+        (``child_stop_timeout``) and the kill of whatever is left after it."""
+        return self.child_stop_timeout + KILL_RESERVE
 
 
 def _seconds(raw: object, name: str, *, allow_zero: bool) -> float:
@@ -78,9 +85,14 @@ def _boolean(raw: object, name: str) -> bool:
     raise UsageError(f"{name} must be True or False, got {raw!r}")
 
 
+def key_of(component: str) -> str:
+    """A component's name as a key: module, metric and setting names ("dag-processor" -> "dag_processor")."""
+    return component.replace("-", "_")
+
+
 def health_port_key(component: str) -> str:
     """The ``[safe_scheduler]`` key of ``component``'s liveness endpoint port."""
-    return f"{component.replace('-', '_')}_health_check_server_port"
+    return f"{key_of(component)}_health_check_server_port"
 
 
 def _port(raw: object, name: str) -> int:
@@ -98,17 +110,15 @@ def _setting(conf, key: str) -> str | None:
     return None if raw is None or str(raw).strip() == "" else str(raw).strip()
 
 
-def load(
-    cli_overrides: dict[str, str | None], conf,
-    health_threshold: tuple[str, str] = ("scheduler", "scheduler_health_check_threshold"),
-    component: str = "scheduler",
-) -> Settings:
-    """Merge ``[safe_scheduler]`` from Airflow's ``conf`` with CLI overrides and validate.
+def load(cli_overrides: dict[str, str | None], conf, component: Component) -> Settings:
+    """Merge ``[safe_scheduler]`` from Airflow's ``conf`` with CLI overrides and validate, once:
+    the result is handed down to every layer (``Parent.tell`` passes its part to the parent).
 
     ``conf`` is Airflow's config object (passed in so this module stays importable without Airflow,
     which keeps its unit tests fast). Env vars ``AIRFLOW__SAFE_SCHEDULER__*`` come through ``conf``.
+    ``component`` gives the health threshold the stall timeout derives from and the endpoint's port.
     """
-    section, option = health_threshold
+    section, option = component.health_threshold
     threshold = conf.get(section, option, fallback=30)
     derived_stall = STALL_FACTOR * _seconds(threshold, f"[{section}] {option}", allow_zero=False)
     values: dict[str, float] = {}
@@ -132,8 +142,8 @@ def load(
             "shutdown deadline"
         )
     leaves = values["shutdown_timeout"] - values["task_drain_timeout"] - values["child_stop_timeout"]
-    # Not set: everything the deadline leaves once the drain, the servers' stop and the kills are paid.
-    values.setdefault("task_cleanup_timeout", max(0.0, leaves - KILL_RESERVES))
+    # Not set: everything the deadline leaves once the drain, the servers' stop and the two kills are paid.
+    values.setdefault("task_cleanup_timeout", max(0.0, leaves - 2 * KILL_RESERVE))
     if values["task_cleanup_timeout"] > leaves or leaves < 0:
         raise UsageError(
             f"task_drain_timeout ({values['task_drain_timeout']:g}s) + task_cleanup_timeout "
@@ -143,7 +153,7 @@ def load(
         )
     db_timeouts = _setting(conf, "db_timeouts")
     enable_health_check = _setting(conf, "enable_health_check")
-    port_key = health_port_key(component)
+    port_key = health_port_key(component.name)
     port = _setting(conf, port_key)
     return Settings(
         **values,
@@ -153,7 +163,7 @@ def load(
             else _boolean(enable_health_check, f"[{SECTION}] enable_health_check")
         ),
         health_check_server_host=_setting(conf, "health_check_server_host") or "0.0.0.0",
-        health_check_server_port=HEALTH_PORTS[component] if port is None else _port(port, f"[{SECTION}] {port_key}"),
+        health_check_server_port=component.health_port if port is None else _port(port, f"[{SECTION}] {port_key}"),
         # With the stall watchdog off, the endpoint still needs a bound: the default one.
         unhealthy_after=values["stall_timeout"] or derived_stall,
     )

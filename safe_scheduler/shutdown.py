@@ -38,7 +38,8 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
-from safe_scheduler import exitcodes, metrics, output, threads, watchdog
+from safe_scheduler import exitcodes, output, threads, watchdog
+from safe_scheduler.metrics import Metrics
 
 log = logging.getLogger("safe_scheduler.shutdown")
 
@@ -100,10 +101,12 @@ def exit_code(cause: Cause | None, run_code: int | None, forced: bool) -> int:
 class Shutdown:
     """The shutdown's state: its cause, its one deadline, and how it ended."""
 
-    def __init__(self, timeout: float, name: str = "job") -> None:
+    def __init__(self, timeout: float, name: str = "job", metrics: Metrics | None = None) -> None:
         self.timeout = timeout
         #: What runs, for the log only ("scheduler"): the shutdown works the same for every job.
         self.name = name
+        self.metrics = metrics or Metrics()
+        self.backstops = watchdog.Backstops()
         self.cause: Cause | None = None
         self.reason: str | None = None
         self.started_at: float | None = None
@@ -127,7 +130,7 @@ class Shutdown:
             self.reason, self.started_at = reason, time.monotonic()
         # The deadline first, then hooks and logging: any of them can block (a logging lock left
         # held, a log write into a full pipe), and none of that may delay the deadline.
-        watchdog.arm_backstops(self.timeout)
+        self.backstops.arm(self.timeout)
         threads.start_daemon("safe-exit-wd", self._expire)
         for callback in self.on_begin:
             try:
@@ -168,10 +171,11 @@ class Shutdown:
             self.exit_code(forced=True),
             f"shutdown did not finish within {self.timeout:g}s ({self.reason})",
             kind,
+            self.metrics,
         )
 
     def report(self, ran_for: float) -> None:
-        metrics.timing("shutdown_duration", self.took())
+        self.metrics.timing("shutdown_duration", self.took())
         log.info(
             "%s stopped after %.1fs; exit code %d (cause: %s; shutdown: %s, took %.1fs)",
             self.name.capitalize(), ran_for, self.exit_code(), self.cause.value if self.cause else "?", self.reason, self.took(),

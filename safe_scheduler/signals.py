@@ -16,7 +16,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from safe_scheduler import forkhook, output, threads
+from safe_scheduler import output, threads
 
 log = logging.getLogger("safe_scheduler.signals")
 
@@ -40,7 +40,7 @@ class SignalListener:
             # Someone (an asyncio loop, a library) listens there too: keep it fed, do not steal it.
             log.info("Signal wakeup fd %d was in use; forwarding signal numbers to it", self._previous_fd)
         self._sockets = (reader, writer)
-        forkhook.run_after_fork_in_child(self._forget_in_child)
+        os.register_at_fork(after_in_child=self._forget_in_child)
         threads.start_daemon("safe-signals", self._listen, reader)
 
     def _forget_in_child(self) -> None:

@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from safe_scheduler import metrics, output, threads
+from safe_scheduler import output, threads
+from safe_scheduler.metrics import Metrics
 from safe_scheduler.watchdog import format_all_stacks
 
 log = logging.getLogger("safe_scheduler.stall")
@@ -25,9 +26,11 @@ log = logging.getLogger("safe_scheduler.stall")
 class StallWatchdog:
     """Tells ``on_stall`` once when heartbeats stop; what follows is the shutdown's business."""
 
-    def __init__(self, stall_timeout: float, on_stall: Callable[[str], None], name: str = "job") -> None:
+    def __init__(self, stall_timeout: float, on_stall: Callable[[str], None], name: str = "job",
+                 metrics: Metrics | None = None) -> None:
         self.stall_timeout = stall_timeout
         self.name = name
+        self.metrics = metrics or Metrics()
         self.on_stall = on_stall
         self._last_beat = time.monotonic()
         self._stop = threading.Event()
@@ -56,7 +59,7 @@ class StallWatchdog:
             if silent >= self.stall_timeout:
                 self._stalled(silent)
                 return
-            metrics.gauge("seconds_since_heartbeat", silent)
+            self.metrics.gauge("seconds_since_heartbeat", silent)
 
     def _stalled(self, silent: float) -> None:
         why = f"no successful {self.name} heartbeat for {silent:.0f}s (stall_timeout {self.stall_timeout:g}s)"
@@ -64,7 +67,7 @@ class StallWatchdog:
         # If the main thread can still run Python, Airflow's own SIGTERM handler unwinds it
         # gracefully; if it is stuck in C (or in a write nobody reads), the deadline ends the process.
         os.kill(os.getpid(), signal.SIGTERM)
-        metrics.incr("stalls")
+        self.metrics.incr("stalls")
         output.in_background(
             log.error, "%s is hung: %s; shutting down. Thread stacks:\n%s",
             self.name.capitalize(), why, format_all_stacks(),

@@ -11,14 +11,14 @@ import os
 import socket
 import time
 
-from safe_scheduler import reaper
-
 log = logging.getLogger("safe_scheduler.systemd")
 
 
 class Notifier:
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: dict[str, str] | None = None, parent_pid: int = 0) -> None:
+        """``parent_pid``: our tiny parent's (``reaper``), 0 where the job runs without one."""
         env = os.environ if environ is None else environ
+        self.parent_pid = parent_pid
         address = env.get("NOTIFY_SOCKET", "")
         self.address: str | None = None
         if address.startswith("@"):
@@ -54,7 +54,7 @@ class Notifier:
         if not self._ready:
             self._ready = True
             # Under our parent (``reaper``) the main PID stays the parent's: it outlives the job.
-            mainpid = "" if reaper.parent_pid else f"MAINPID={os.getpid()}\n"
+            mainpid = "" if self.parent_pid else f"MAINPID={os.getpid()}\n"
             self.send(f"READY=1\n{mainpid}STATUS=Heartbeating")
         now = time.monotonic()
         if self.watchdog_interval is not None and now - self._last_watchdog >= min(self.watchdog_interval, 1.0):

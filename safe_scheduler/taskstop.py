@@ -29,7 +29,9 @@ from collections.abc import Callable
 
 import psutil
 
-from safe_scheduler import metrics, output, threads, tree
+from safe_scheduler import output, threads, tree
+from safe_scheduler.metrics import Metrics
+from safe_scheduler.settings import KILL_RESERVE, Settings
 
 log = logging.getLogger("safe_scheduler.taskstop")
 
@@ -43,18 +45,18 @@ class TaskStop:
     def __init__(
         self,
         find_tasks: Callable[[], list[psutil.Process]],
-        drain: float,
-        cleanup: float,
+        settings: Settings,
         remaining: Callable[[], float],
-        reserve: float,
+        metrics: Metrics,
     ) -> None:
         """``find_tasks``: the top process of each running task. ``remaining``: seconds to the
-        deadline. ``reserve``: seconds of it that must be left for what comes after the tasks."""
+        deadline, of which ``settings.after_tasks`` must be left for what comes after the tasks."""
         self.find_tasks = find_tasks
-        self.drain = drain
-        self.cleanup = cleanup
+        self.task_drain_timeout = settings.task_drain_timeout
+        self.task_cleanup_timeout = settings.task_cleanup_timeout
+        self.after_tasks = settings.after_tasks
         self.remaining = remaining
-        self.reserve = reserve
+        self.metrics = metrics
         self._done = threading.Event()
         self._started = False
         self._lock = threading.Lock()
@@ -73,10 +75,11 @@ class TaskStop:
         Starts the stop if nothing has yet (a shutdown that began before this was hooked to it).
         """
         self.start()
-        return self._done.wait(max(0.0, self.remaining() - self.reserve))
+        return self._done.wait(max(0.0, self.remaining() - self.after_tasks))
 
     def _left(self) -> float:
-        return max(0.0, self.remaining() - self.reserve - tree.KILL_RESERVE)
+        """Seconds for draining and cleanup: the deadline less what comes after, less our own kill."""
+        return max(0.0, self.remaining() - self.after_tasks - KILL_RESERVE)
 
     def _run(self) -> None:
         try:
@@ -94,14 +97,14 @@ class TaskStop:
         output.in_background(
             log.warning, "%d task(s) running at shutdown (pids %s): %s",
             len(running), ", ".join(str(p.pid) for p in running),
-            f"draining up to {self.drain:g}s, then SIGTERM" if self.drain else "SIGTERM",
+            f"draining up to {self.task_drain_timeout:g}s, then SIGTERM" if self.task_drain_timeout else "SIGTERM",
         )
-        drain_until = time.monotonic() + min(self.drain, self._left())
+        drain_until = time.monotonic() + min(self.task_drain_timeout, self._left())
         while time.monotonic() < drain_until and any(tree.alive(p) for p in self.find_tasks()):
             time.sleep(POLL)
 
         signalled: dict[int, psutil.Process] = {}
-        cleanup_until = time.monotonic() + min(self.cleanup, self._left())
+        cleanup_until = time.monotonic() + min(self.task_cleanup_timeout, self._left())
         while True:
             current = [p for p in self.find_tasks() if tree.alive(p)]
             fresh = [p for p in current if p.pid not in signalled]
@@ -112,8 +115,9 @@ class TaskStop:
             time.sleep(POLL)
         left = [p for p in self.find_tasks() if tree.alive(p)]
         outcome = tree.stop(left, grace=0.0, what="tasks past their cleanup time") if left else tree.Outcome()
-        metrics.incr("tasks_stopped", len(signalled))
-        metrics.incr("tasks_killed", len(outcome.killed))
+        self.metrics.incr("tasks_stopped", len(signalled))
+        self.metrics.incr("tasks_killed", len(outcome.killed))
+        self.metrics.incr("children_killed", len(outcome.killed))
         output.in_background(
             log.warning if left else log.info,
             "Stopped %d task(s) in %.1fs: %d ended after SIGTERM, %d had to be killed",

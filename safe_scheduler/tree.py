@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from safe_scheduler import metrics
+from safe_scheduler.settings import KILL_RESERVE
 
 log = logging.getLogger("safe_scheduler.tree")
 
-#: Seconds of what the deadline leaves that are kept for SIGKILL and reaping after the polite wait.
-KILL_RESERVE = 1.0
 #: Seconds to wait for SIGKILLed processes to be gone before naming them as unkillable.
 KILL_WAIT = 1.0
 
@@ -124,7 +122,8 @@ def stop(
 
     ``remaining``: seconds left until the shutdown deadline; the polite wait is cut so that the
     kill and reap still fit before it. Processes we may not signal (another user's) and processes
-    that outlive SIGKILL are logged by pid with the reason, and counted in the outcome.
+    that outlive SIGKILL are logged by pid with the reason, and counted in the outcome (the caller
+    counts the killed ones in its metrics).
     """
     targets = [p for p in targets if alive(p)]
     outcome = Outcome()
@@ -146,7 +145,6 @@ def stop(
         survivors = _wait_gone(left, KILL_WAIT)
         outcome.killed = [p for p in left if p not in survivors]
         outcome.unkillable = [(p, refused.get(p.pid) or _why_alive(p)) for p in survivors]
-        metrics.incr("children_killed", len(outcome.killed))
     reap()
     for proc, why in outcome.unkillable:
         log.error("Could not stop %s: %s", _describe(proc), why)

@@ -24,7 +24,8 @@ import threading
 import traceback
 from typing import NoReturn
 
-from safe_scheduler import metrics, output, tree
+from safe_scheduler import output, tree
+from safe_scheduler.metrics import Metrics
 
 log = logging.getLogger("safe_scheduler.watchdog")
 
@@ -35,8 +36,6 @@ ALARM_MARGIN = 3.0
 #: Seconds the forced exit waits for logging to report it before writing to stderr itself
 #: (well within BACKSTOP_MARGIN, or faulthandler would end the process first, with code 1).
 REPORT_GRACE = 2.0
-
-_dump_fd = -1
 
 
 def format_all_stacks() -> str:
@@ -49,22 +48,28 @@ def format_all_stacks() -> str:
     return "\n".join(blocks)
 
 
-def arm_backstops(seconds: float) -> None:
-    """End the process ``seconds`` + margins from now even if no Python code can run any more."""
-    global _dump_fd
-    if _dump_fd < 0:
-        _dump_fd = output.nonblocking_stderr()
-    faulthandler.dump_traceback_later(seconds + BACKSTOP_MARGIN, exit=True, file=_dump_fd)
-    if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):
-        # Only where nobody handles SIGALRM: a Python handler would need the GIL we may not get.
-        signal.alarm(math.ceil(seconds + BACKSTOP_MARGIN + ALARM_MARGIN))
+class Backstops:
+    """The two GIL-free ends behind the forced exit; armed once, when the shutdown starts."""
+
+    def __init__(self) -> None:
+        #: faulthandler keeps writing to this descriptor until the process ends: opened once.
+        self._dump_fd = -1
+
+    def arm(self, seconds: float) -> None:
+        """End the process ``seconds`` + margins from now even if no Python code can run any more."""
+        if self._dump_fd < 0:
+            self._dump_fd = output.nonblocking_stderr()
+        faulthandler.dump_traceback_later(seconds + BACKSTOP_MARGIN, exit=True, file=self._dump_fd)
+        if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):
+            # Only where nobody handles SIGALRM: a Python handler would need the GIL we may not get.
+            signal.alarm(math.ceil(seconds + BACKSTOP_MARGIN + ALARM_MARGIN))
 
 
-def force_exit(code: int, why: str, kind: str) -> NoReturn:
+def force_exit(code: int, why: str, kind: str, metrics: Metrics) -> NoReturn:
     """Kill the process tree, say why, dump every stack, exit with ``code`` now. Never returns."""
     try:
         killed = tree.kill_all_below_us()
-        if not output.bounded(REPORT_GRACE, _report, code, why, kind, killed):
+        if not output.bounded(REPORT_GRACE, _report, code, why, kind, killed, metrics):
             # Logging is blocked, or no thread can start (Python 3.12+ inside an atexit handler).
             # Not faulthandler.dump_traceback: it writes holding the GIL, and a blocked write there
             # would stop every thread, this one included. ``say`` never waits past its bound.
@@ -74,7 +79,7 @@ def force_exit(code: int, why: str, kind: str) -> NoReturn:
         os._exit(code)
 
 
-def _report(code: int, why: str, kind: str, killed: int) -> None:
+def _report(code: int, why: str, kind: str, killed: int, metrics: Metrics) -> None:
     log.error("Forcing exit with code %d: %s; killed %d processes; thread stacks follow", code, why, killed)
     log.error("Thread stacks at forced exit:\n%s", format_all_stacks())
     metrics.incr(f"forced_exits.{kind}")

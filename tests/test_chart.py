@@ -13,44 +13,21 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from conftest import HEALTH_PORTS, health_port_variable
-from procs import SchedulerProcess, http_status, wait_for
+from harness.chart import (
+    BIN, COMPONENTS, IMAGE, PLUGIN, REPO, SCHEMA, all_containers, container, overlay, probe_target, render, tool,
+    workload,
+)
+from harness.components import prepare
+from harness.deployment import health_port_variable, health_ports
+from harness.faults import MARGIN
+from harness.procs import SchedulerProcess, http_status, wait_for
 from safe_scheduler import components, reaper, watchdog
-from test_components import prepare
-from test_faults import MARGIN
-
-REPO = Path(__file__).resolve().parent.parent
-OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
-PLUGIN = REPO / "helm" / "safe-probes"
-CHART = REPO.parent / "shared" / "chart" / "airflow-1.18.0"
-SCHEMA = REPO.parent / "shared" / "chart" / "values.schema.json"
-TOOLS = REPO / ".venv" / "tools" / "bin"
-BIN = Path(sys.executable).parent
-IMAGE = "registry.example.com/airflow-safe-scheduler"
-COMPONENTS = ("scheduler", "triggerer", "dag-processor")
-VALUES_KEY = {"scheduler": "scheduler", "triggerer": "triggerer", "dag-processor": "dagProcessor"}
-#: Kubernetes release the manifests are validated against (the chart supports 1.30 and newer).
-KUBERNETES = "1.33.0"
-
-
-def _tool(name: str) -> str:
-    path = TOOLS / name
-    assert path.exists(), f"{path} is missing: run scripts/k8s-tools (scripts/bootstrap --with-postgres runs it)"
-    return str(path)
-
-
-def overlay() -> dict:
-    return yaml.safe_load(OVERLAY.read_text())
-
 
 @pytest.fixture(scope="module")
 def helm_home(tmp_path_factory) -> dict[str, str]:
@@ -59,58 +36,10 @@ def helm_home(tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ, HELM_DATA_HOME=str(home / "data"), HELM_CONFIG_HOME=str(home / "config"),
                HELM_CACHE_HOME=str(home / "cache"))
     env.pop("HELM_PLUGINS", None)
-    done = subprocess.run([_tool("helm"), "plugin", "install", str(PLUGIN)], env=env, capture_output=True,
+    done = subprocess.run([tool("helm"), "plugin", "install", str(PLUGIN)], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return env
-
-
-def render(helm_home: dict[str, str], *args: str, overlay: bool = True, post_renderer: bool = False,
-           validate: bool = True) -> list[dict]:
-    """The chart rendered by helm (with our overlay, unless ``overlay`` is False), as documents."""
-    cmd = [_tool("helm"), "template", "airflow", str(CHART), *(["-f", str(OVERLAY)] if overlay else []), *args]
-    if post_renderer:
-        cmd += ["--post-renderer", "safe-probes"]
-    done = subprocess.run(cmd, env=helm_home, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    if validate:
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as manifests:
-            manifests.write(done.stdout)
-            manifests.flush()
-            checked = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES,
-                                      manifests.name], capture_output=True, text=True, timeout=300)
-        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-
-
-def workload(docs: list[dict], component: str) -> dict:
-    found = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
-             and d["metadata"]["labels"].get("component") == component]
-    assert len(found) == 1, [d["metadata"]["name"] for d in found]
-    return found[0]
-
-
-def container(docs: list[dict], component: str) -> dict:
-    return next(c for c in workload(docs, component)["spec"]["template"]["spec"]["containers"] if c["name"] == component)
-
-
-def probe_target(probe: dict) -> tuple[int, str]:
-    """(port, path) the probe asks: httpGet, or the overlay's curl command."""
-    if "httpGet" in probe:
-        return int(probe["httpGet"]["port"]), probe["httpGet"]["path"]
-    command = probe["exec"]["command"]
-    assert command[0] == "curl", command
-    url = re.fullmatch(r"http://127\.0\.0\.1:(\d+)(/\S*)", command[-1])
-    return int(url.group(1)), url.group(2)
-
-
-def all_containers(docs: list[dict]):
-    for doc in docs:
-        spec = doc.get("spec", {})
-        pod = spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec")
-        if pod:
-            for c in pod.get("containers", []) + pod.get("initContainers", []):
-                yield doc, c
 
 
 # -- the values file -------------------------------------------------------------------------------
@@ -165,7 +94,7 @@ def test_rendered_pods_run_our_commands_with_cheap_probes(helm_home, executor, k
         for key in probes:
             probe = main[key]
             assert ("httpGet" in probe) == post_renderer and ("exec" in probe) != post_renderer, probe
-            assert probe_target(probe) == (HEALTH_PORTS[name], "/health")
+            assert probe_target(probe) == (health_ports()[name], "/health")
         assert "readinessProbe" not in main
     # Every Airflow container of the release runs the one image, and no probe anywhere starts the CLI.
     for doc, c in all_containers(docs):
@@ -255,7 +184,7 @@ def test_component_runs_as_its_pod_and_its_probe_follows_it(helm_home, deploymen
     plain = {e["name"]: e["value"] for e in main["env"] if "value" in e}
     plain.pop("AIRFLOW_HOME")  # /opt/airflow in the image; here the test's own home
     env = dict(deployment.env, **plain, PATH=f"{BIN}:{os.environ['PATH']}")
-    for component in HEALTH_PORTS:  # the pod's own ports: the defaults, as the probe expects them
+    for component in health_ports():  # the pod's own ports: the defaults, as the probe expects them
         env.pop(health_port_variable(component))
     for key in ("AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK", "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC"):  # the other tests' settings, not the pod's

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from procs import alive, wait_for
+from harness.procs import alive, wait_for
 from safe_scheduler import children, tree
 
 
@@ -36,7 +36,7 @@ def test_child_ignoring_sigterm_is_killed_with_its_tree_after_the_timeout():
     child.start()
     grandchild = psutil.Process(queue.get())
     started = time.monotonic()
-    outcome = children.stop_all([child], grace=1.0)
+    outcome = children.stop_all([child], child_stop_timeout=1.0)
     took = time.monotonic() - started
     assert took >= 1.0  # it was given its grace before the kill
     assert {p.pid for p in outcome.killed} == {child.pid, grandchild.pid}
@@ -49,7 +49,7 @@ def test_polite_child_stops_on_sigterm_without_kill():
     child = children.ChildProcess("polite", lambda: _polite(queue))
     child.start()
     queue.get()
-    outcome = children.stop_all([child], grace=10.0)
+    outcome = children.stop_all([child], child_stop_timeout=10.0)
     assert not outcome.killed
     assert child.process.exitcode == -signal.SIGTERM
 
@@ -63,7 +63,7 @@ def test_two_deaf_children_cost_one_grace_not_two():
     for queue in queues:
         queue.get()
     started = time.monotonic()
-    outcome = children.stop_all(deaf, grace=2.0)
+    outcome = children.stop_all(deaf, child_stop_timeout=2.0)
     took = time.monotonic() - started
     assert len(outcome.killed) == 4  # both children and both grandchildren
     assert 2.0 <= took < 2.0 + tree.KILL_WAIT + 1.5, f"took {took:.1f}s: not one grace period"
@@ -76,7 +76,7 @@ def test_stop_is_cut_to_the_time_the_deadline_leaves():
     queue.get()
     deadline = time.monotonic() + 2.0
     started = time.monotonic()
-    children.stop_all([child], grace=30.0, remaining=lambda: deadline - time.monotonic())
+    children.stop_all([child], child_stop_timeout=30.0, remaining=lambda: deadline - time.monotonic())
     assert time.monotonic() - started < 2.0 + tree.KILL_WAIT, "the stop outlived the deadline"
     assert child.process.exitcode == -signal.SIGKILL
 
@@ -94,7 +94,7 @@ DEATH_SIGNAL_SCRIPT = textwrap.dedent(
     import multiprocessing, os, sys, time
     from safe_scheduler import forkhook
 
-    forkhook.install()
+    forkhook.install(5.0)
     worker = multiprocessing.Process(target=time.sleep, args=(600,))
     worker.start()
     print(worker.pid, flush=True)
@@ -122,7 +122,7 @@ CATCHING_WORKER_SCRIPT = textwrap.dedent(
     import logging, multiprocessing, os, signal, sys, time
     from safe_scheduler import forkhook
 
-    forkhook.install(orphan_grace=2.0)
+    forkhook.install(child_stop_timeout=2.0)
 
     def task(queue, marker):
         signal.signal(signal.SIGTERM, lambda signum, frame: open(marker, "w").write("on_kill ran"))
@@ -184,7 +184,7 @@ CONCURRENT_FORKS_SCRIPT = textwrap.dedent(
     from safe_scheduler import forkhook
     from safe_scheduler.prctl import death_signal
 
-    forkhook.install()
+    forkhook.install(5.0)
     sys.setswitchinterval(1e-6)
     read_end, write_end = os.pipe()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, SAFE, STOCK, Deployment, base_env
+from harness.deployment import PYTHON, SAFE, STOCK, Deployment, base_env
 from safe_scheduler import compat
 
 pytestmark = pytest.mark.all_versions

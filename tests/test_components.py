@@ -14,110 +14,17 @@ import time
 
 import pytest
 
-from procs import wait_for
-from safe_scheduler import compat
-from test_faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans, kill
-from test_hung import statsd  # noqa: F401 - a fixture
+from harness.components import COMPONENTS, LEAKY_LOGGING, started_component, wait_parsing, with_parsing_process
+from harness.faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans, kill
+from harness.procs import wait_for
 
 pytestmark = pytest.mark.all_versions
-
-COMPONENTS = ["triggerer", "dag-processor"]
-JOB_TYPE = {"scheduler": "SchedulerJob", "triggerer": "TriggererJob", "dag-processor": "DagProcessorJob"}
-
-# ``[logging] logging_config_class`` with a log-shipping handler, as users configure one: the handler
-# keeps a non-daemon thread for its batches. Airflow loads it in every component.
-LEAKY_LOGGING = """
-    import copy
-    import logging
-    import threading
-
-    from airflow.config_templates.airflow_local_settings import DEFAULT_LOGGING_CONFIG
-
-
-    class ShippingHandler(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            threading.Thread(target=threading.Event().wait, name="log-shipper", daemon=False).start()
-
-        def emit(self, record):
-            pass
-
-
-    LOGGING_CONFIG = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
-    LOGGING_CONFIG["handlers"]["shipper"] = {"class": "leaky_logging.ShippingHandler"}
-    LOGGING_CONFIG["root"]["handlers"].append("shipper")
-"""
-
-# A DAG file that takes ten minutes to import: the dag-processor's parsing process for it stays.
-SLOW_DAG = """
-    import time
-
-    time.sleep(600)  # airflow DAG
-"""
-
-
-# A DAG file to parse: stock 2.x's dag-processor crashes on an empty DAG folder (see compat).
-SIMPLE_DAG = """
-    from datetime import datetime
-
-    try:
-        from airflow.sdk import DAG
-    except ImportError:  # Airflow 2
-        from airflow import DAG
-
-    with DAG("simple", schedule=None, start_date=datetime(2026, 1, 1)):
-        pass
-"""
-
-
-def prepare(deployment, name: str) -> None:
-    """What the component needs to run at all: on 2.x the dag-processor runs only standalone."""
-    if name == "dag-processor":
-        if compat.airflow_has_key("scheduler", "standalone_dag_processor"):  # 2.x only; 3.x has no such key
-            deployment.env["AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR"] = "True"
-        (deployment.home / "dags" / "simple.py").write_text(textwrap.dedent(SIMPLE_DAG))
-
-
-def heartbeating(postgres, proc, name: str):
-    """A condition: the component's job has recorded a heartbeat after its start."""
-
-    def condition() -> bool:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"{name} exited early with {proc.popen.returncode}:\n{proc.log()[-4000:]}")
-        return postgres.execute(
-            f"SELECT count(*) FROM job WHERE job_type = '{JOB_TYPE[name]}' AND state = 'running'"
-            " AND latest_heartbeat > start_date"
-        )[0][0] > 0
-
-    return condition
-
-
-def started(deployment, postgres, name: str, *args: str, stock: bool = False, **env: str):
-    """The component, up: heartbeating, and its children there (serve-logs; parsing processes)."""
-    prepare(deployment, name)
-    proc = deployment.component(name, *args, stock=stock, **env)
-    wait_for(heartbeating(postgres, proc, name), 120, interval=0.5, message=f"a {name} heartbeat")
-    if name == "triggerer":
-        wait_for(lambda: proc.listening_on(deployment.trigger_log_port), 60, message="serve-logs to listen")
-    return proc
-
-
-def with_parsing_process(deployment):
-    """A DAG file whose import never ends, so that the dag-processor keeps a parsing process."""
-    (deployment.home / "dags" / "slow_dag.py").write_text(textwrap.dedent(SLOW_DAG))
-
-
-def wait_parsing(proc) -> None:
-    # Any process below the job process: the dag-processor has no servers, so it parses.
-    wait_for(proc.below_job, 120, interval=0.5,
-             message="a DAG-file parsing process")
-
 
 @pytest.mark.parametrize("name", COMPONENTS)
 def test_db_stopped_exits_nonzero_without_orphans(deployment, postgres, name):
     if name == "dag-processor":
         with_parsing_process(deployment)
-    proc = started(deployment, postgres, name, "--shutdown-timeout", "20")
+    proc = started_component(deployment, postgres, name, "--shutdown-timeout", "20")
     if name == "dag-processor":
         wait_parsing(proc)
 
@@ -133,7 +40,7 @@ def test_db_stopped_exits_nonzero_without_orphans(deployment, postgres, name):
 def test_db_stopped_with_a_logging_thread(deployment, postgres, name):
     """A log-shipping handler's non-daemon thread: stock waits for it forever; we name it and go."""
     (deployment.home / "config" / "leaky_logging.py").write_text(textwrap.dedent(LEAKY_LOGGING))
-    proc = started(deployment, postgres, name, "--shutdown-timeout", "60",
+    proc = started_component(deployment, postgres, name, "--shutdown-timeout", "60",
                    AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS="leaky_logging.LOGGING_CONFIG")
 
     postgres.stop("immediate")
@@ -147,7 +54,7 @@ def test_db_stopped_with_a_logging_thread(deployment, postgres, name):
 
 @pytest.mark.parametrize("name", COMPONENTS)
 def test_sigterm_is_a_clean_exit(deployment, postgres, name):
-    proc = started(deployment, postgres, name)
+    proc = started_component(deployment, postgres, name)
     sent = proc.signal(signal.SIGTERM)
     code, _ = assert_exits(proc, sent, 30 + MARGIN)
     assert code == 0, proc.log()[-4000:]
@@ -160,7 +67,7 @@ def test_sigterm_with_a_blocked_exit_is_forced(deployment, postgres, name):
     # over 6 s on a loaded machine (Python 3.13), so the deadline came first, elsewhere.
     timeout = 12 if name == "triggerer" else 6
     deployment.add_plugin("blocker", HANGING_SHUTDOWN_PLUGIN)
-    proc = started(deployment, postgres, name, "--shutdown-timeout", str(timeout), "--child-stop-timeout", "2")
+    proc = started_component(deployment, postgres, name, "--shutdown-timeout", str(timeout), "--child-stop-timeout", "2")
     sent = proc.signal(signal.SIGTERM)
     code, took = assert_exits(proc, sent, timeout + MARGIN + 10)
     assert code == 3, proc.log()[-4000:]
@@ -176,7 +83,7 @@ def test_sigkill_leaves_no_child(deployment, postgres, name, target):
     (A triggerer SIGKILLed with a trigger running: ``test_deferrable.py``.)"""
     if name == "dag-processor":
         with_parsing_process(deployment)
-    proc = started(deployment, postgres, name)
+    proc = started_component(deployment, postgres, name)
     if name == "dag-processor":
         wait_parsing(proc)
     assert proc.below_job()
@@ -186,7 +93,7 @@ def test_sigkill_leaves_no_child(deployment, postgres, name, target):
 
 @pytest.mark.parametrize("name", COMPONENTS)
 def test_frozen_db_is_a_stall(deployment, postgres, statsd, name):  # noqa: F811
-    proc = started(deployment, postgres, name, "--stall-timeout", "10", "--shutdown-timeout", "8",
+    proc = started_component(deployment, postgres, name, "--stall-timeout", "10", "--shutdown-timeout", "8",
                    "--child-stop-timeout", "2", **statsd.env)
     postgres.freeze()
     fault = time.monotonic()
@@ -205,7 +112,7 @@ def test_frozen_db_is_a_stall(deployment, postgres, statsd, name):  # noqa: F811
 @pytest.mark.parametrize("name", COMPONENTS)
 def test_stock_with_a_logging_thread_never_exits(deployment, postgres, name):
     (deployment.home / "config" / "leaky_logging.py").write_text(textwrap.dedent(LEAKY_LOGGING))
-    proc = started(deployment, postgres, name, stock=True,
+    proc = started_component(deployment, postgres, name, stock=True,
                    AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS="leaky_logging.LOGGING_CONFIG")
     postgres.stop("immediate")
     assert proc.wait_exit(30) is None, f"stock {name} exited: the scenario no longer reproduces"
@@ -215,7 +122,7 @@ def test_stock_with_a_logging_thread_never_exits(deployment, postgres, name):
 def test_stock_sigkill_leaves_children(deployment, postgres, name):
     if name == "dag-processor":
         with_parsing_process(deployment)
-    proc = started(deployment, postgres, name, stock=True)
+    proc = started_component(deployment, postgres, name, stock=True)
     if name == "dag-processor":
         wait_parsing(proc)
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from procs import wait_for
-from test_faults import MARGIN, assert_exits, assert_no_orphans, kill
+from harness.faults import MARGIN, assert_exits, assert_no_orphans, kill
+from harness.procs import wait_for
 
 DEFERRING_DAG = """
     import os

@@ -17,9 +17,9 @@ import psutil
 import pytest
 import yaml
 
-from conftest import base_env
-from procs import SchedulerProcess, TreeWatcher, alive, health_status, stop, wait_for
-from safe_scheduler import compat
+from harness.deployment import base_env
+from harness.procs import SchedulerProcess, TreeWatcher, alive, health_status, stop, wait_for
+from safe_scheduler import doctor
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
@@ -187,7 +187,7 @@ def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deploymen
 def test_supervisord_and_stock_scheduler(deployment, postgres, test_root):
     """Documents stock ``airflow scheduler`` under supervisord: where the #32706 zombie path is
     present (2.6.3) the dead scheduler is never respawned — its process never exits."""
-    zombie_path = compat.stock_scheduler_leaks_children_on_error()
+    zombie_path = doctor.scheduler_leaks_children_on_error()
     conf, supervisord, tree = _supervise(deployment, test_root, f"{BIN / 'airflow'} scheduler")
     try:
         first = _first_scheduler(conf, deployment)

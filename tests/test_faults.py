@@ -8,177 +8,22 @@ still alive.
 
 from __future__ import annotations
 
-import os
 import signal
-import textwrap
 import time
-from pathlib import Path
-
-import psutil
 import pytest
 
-from procs import alive, threads_of, wait_for
-from safe_scheduler import compat
+from harness.faults import (
+    BLOCKING_ATEXIT_PLUGIN, DEAF_HEALTH_CHECK, DEAF_SERVERS, HANGING_SHUTDOWN_PLUGIN, LEAKY_THREAD_PLUGIN, MARGIN,
+    assert_exits, assert_no_orphans, kill, running_tasks, started_scheduler, started_stock, with_running_tasks,
+)
+from harness.procs import alive, threads_of, wait_for
+from safe_scheduler import doctor
 
 pytestmark = pytest.mark.all_versions
 
-# Margin for a loaded 2-core CI machine between "deadline" and "process observed gone".
-MARGIN = 10.0
-
-LEAKY_THREAD_PLUGIN = """
-    import threading
-
-    from airflow.listeners import hookimpl
-    from airflow.plugins_manager import AirflowPlugin
-
-
-    def _serve_forever():
-        threading.Event().wait()
-
-
-    class _Listener:
-        @hookimpl
-        def on_starting(self, component):
-            # What a metrics exporter or client library does: a non-daemon worker thread.
-            threading.Thread(target=_serve_forever, name="leaky-plugin-thread").start()
-
-
-    class LeakyThreadPlugin(AirflowPlugin):
-        name = "leaky_thread"
-        listeners = [_Listener()]
-"""
-
-BLOCKING_ATEXIT_PLUGIN = """
-    import atexit
-    import threading
-
-    from airflow.listeners import hookimpl
-    from airflow.plugins_manager import AirflowPlugin
-
-
-    def flush_forever_at_exit():
-        threading.Event().wait()
-
-
-    class _Listener:
-        @hookimpl
-        def on_starting(self, component):
-            atexit.register(flush_forever_at_exit)
-
-
-    class BlockingAtexitPlugin(AirflowPlugin):
-        name = "blocking_atexit"
-        listeners = [_Listener()]
-"""
-
-HANGING_SHUTDOWN_PLUGIN = """
-    import threading
-
-    from airflow.listeners import hookimpl
-    from airflow.plugins_manager import AirflowPlugin
-
-
-    class _Listener:
-        @hookimpl
-        def before_stopping(self, component):
-            hang_in_before_stopping()
-
-
-    def hang_in_before_stopping():
-        threading.Event().wait()
-
-
-    class HangingShutdownPlugin(AirflowPlugin):
-        name = "hanging_shutdown"
-        listeners = [_Listener()]
-"""
-
-
-# airflow_local_settings.py that makes the health-check server ignore SIGTERM. It patches the
-# stdlib server the health check runs (importing Airflow modules here would be circular in 2.x).
-DEAF_HEALTH_CHECK = """
-    import http.server
-    import signal
-
-    _serve_forever = http.server.HTTPServer.serve_forever
-
-
-    def deaf_serve_forever(self, *args, **kwargs):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return _serve_forever(self, *args, **kwargs)
-
-
-    http.server.HTTPServer.serve_forever = deaf_serve_forever
-"""
-
-
-# airflow_local_settings.py that makes both our servers deaf to SIGTERM: ignored in the child before
-# the server starts, and every later attempt to handle it there (uvicorn, gunicorn) quietly dropped.
-DEAF_SERVERS = """
-    import multiprocessing.process
-    import signal
-
-    _run = multiprocessing.process.BaseProcess.run
-    _signal = signal.signal
-
-
-    def deaf_run(self):
-        if self.name in ("serve-logs", "health-check"):
-            _signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal = lambda signum, handler: None if signum == signal.SIGTERM else _signal(signum, handler)
-        return _run(self)
-
-
-    multiprocessing.process.BaseProcess.run = deaf_run
-"""
-
-
-def started(deployment, *args, **env):
-    """A safe scheduler that is up: heartbeating, with serve-logs, health check and workers."""
-    scheduler = deployment.scheduler(*args, **env)
-    scheduler.wait_healthy()
-    workers = int(env.get("AIRFLOW__CORE__PARALLELISM", deployment.env["AIRFLOW__CORE__PARALLELISM"]))
-    wait_for(lambda: len(scheduler.descendants_named("worker")) >= workers, 60,
-             message=f"{workers} executor workers")
-    # serve-logs imports its web app before it binds: on a loaded machine that takes a while.
-    wait_for(lambda: scheduler.listening_on(deployment.log_port), 60, message="serve-logs to listen")
-    return scheduler
-
-
-def started_stock(deployment, **env):
-    """A stock ``airflow scheduler`` that reports healthy.
-
-    Stock 2.x now and then dies at start-up, when its first INSERT into ``job`` fails with "error
-    with status PGRES_TUPLES_OK and no message from the libpq" (seen once on CI, 2.11.2): its
-    health-check child pings the scheduler's own pooled DB connection, inherited by fork, and the
-    two read each other's replies (``test_servers.test_a_server_never_uses_the_job_process_db_connection``
-    shows it; ours no longer does). That is not what the stock tests document, so that one start-up
-    failure, and only it, is tried once more.
-    """
-    for attempt in (1, 2):
-        scheduler = deployment.scheduler(stock=True, **env)
-        try:
-            scheduler.wait_healthy()
-            return scheduler
-        except AssertionError as exc:
-            if attempt == 2 or "no message from the libpq" not in str(exc):
-                raise
-
-
-def assert_exits(scheduler, since: float, within: float) -> tuple[int, float]:
-    code = scheduler.wait_exit(within)
-    assert code is not None, f"still running {within:g}s after the fault:\n{scheduler.log()[-4000:]}"
-    return code, scheduler.exited_at - since
-
-
-def assert_no_orphans(scheduler, timeout: float = 5.0) -> None:
-    left = scheduler.survivors_after(timeout)
-    assert not left, f"processes outlived the scheduler: {[(p.pid, p.name()) for p in left]}"
-
-
 def test_db_stopped_exits_nonzero_without_orphans(deployment, postgres):
     """The seed scenario of Airflow #32706: the metadata DB goes away under a running scheduler."""
-    scheduler = started(deployment, "--shutdown-timeout", "20")
+    scheduler = started_scheduler(deployment, "--shutdown-timeout", "20")
     children_before = len(scheduler.survivors())
     assert children_before >= 6  # serve-logs, health check, 4 workers
 
@@ -194,7 +39,7 @@ def test_db_stopped_exits_nonzero_without_orphans(deployment, postgres):
 def test_db_stopped_with_leaked_non_daemon_thread(deployment, postgres):
     """A plugin's non-daemon thread holds stock Airflow forever; we exit in seconds and name it."""
     deployment.add_plugin("leaky_thread", LEAKY_THREAD_PLUGIN)
-    scheduler = started(deployment, "--shutdown-timeout", "60")
+    scheduler = started_scheduler(deployment, "--shutdown-timeout", "60")
 
     postgres.stop("immediate")
     fault = time.monotonic()
@@ -217,7 +62,7 @@ def test_db_stopped_with_leaked_non_daemon_thread(deployment, postgres):
 )
 def test_db_stopped_with_blocked_shutdown_is_forced(deployment, postgres, plugin, blocker):
     deployment.add_plugin("blocker", plugin)
-    scheduler = started(deployment, "--shutdown-timeout", "8", "--child-stop-timeout", "2")
+    scheduler = started_scheduler(deployment, "--shutdown-timeout", "8", "--child-stop-timeout", "2")
 
     postgres.stop("immediate")
     fault = time.monotonic()
@@ -233,7 +78,7 @@ def test_db_stopped_with_blocked_shutdown_is_forced(deployment, postgres, plugin
 
 
 def test_sigterm_is_a_clean_exit(deployment):
-    scheduler = started(deployment)
+    scheduler = started_scheduler(deployment)
     sent = scheduler.signal(signal.SIGTERM)
     code, took = assert_exits(scheduler, sent, 30 + MARGIN)
     assert code == 0, scheduler.log()[-4000:]
@@ -242,7 +87,7 @@ def test_sigterm_is_a_clean_exit(deployment):
 
 def test_our_threads_are_named_in_the_kernel(deployment):
     """``top -H`` and ``bench/run.py`` tell our watchdogs apart from Airflow's threads by name."""
-    scheduler = started(deployment)
+    scheduler = started_scheduler(deployment)
     wait_for(lambda: {"safe-signals", "safe-stall-wd"} <= {n for n, _ in threads_of(scheduler.job_pid).values()},
              30, message="threads named safe-signals and safe-stall-wd")
     scheduler.signal(signal.SIGTERM)
@@ -251,7 +96,7 @@ def test_our_threads_are_named_in_the_kernel(deployment):
 
 def test_sigterm_while_shutdown_blocked_is_forced(deployment):
     deployment.add_plugin("blocker", HANGING_SHUTDOWN_PLUGIN)
-    scheduler = started(deployment, "--shutdown-timeout", "6", "--child-stop-timeout", "2")
+    scheduler = started_scheduler(deployment, "--shutdown-timeout", "6", "--child-stop-timeout", "2")
     sent = scheduler.signal(signal.SIGTERM)
     code, took = assert_exits(scheduler, sent, 6 + MARGIN + 10)
     assert code == 3, scheduler.log()[-4000:]
@@ -265,71 +110,10 @@ def test_sigkill_takes_every_descendant_with_it(deployment, target):
     """``kill -9`` of the PID the user started (our parent: the job process gets SIGTERM and stops
     its tree, within its deadline), or of the job process, the OOM killer's pick (its forks get
     their death signal from the kernel, and the parent stops whatever else is left)."""
-    scheduler = started(deployment, AIRFLOW__CORE__PARALLELISM="32")
+    scheduler = started_scheduler(deployment, AIRFLOW__CORE__PARALLELISM="32")
     assert len(scheduler.survivors()) >= 34
     kill(scheduler, target)
     assert_no_orphans(scheduler, timeout=30 + MARGIN)
-
-
-def kill(proc, target: str) -> None:
-    """SIGKILL the top process (what supervisord tracks) or the job process below it."""
-    if target == "top":
-        proc.signal(signal.SIGKILL)
-        assert proc.wait_exit(10) == -signal.SIGKILL
-    else:
-        os.kill(proc.job_pid, signal.SIGKILL)
-        code = proc.wait_exit(30)
-        assert code == 128 + signal.SIGKILL, f"exit {code}:\n{proc.log()[-3000:]}"
-
-
-RUNNING_TASKS_DAG = """
-    import os
-    import time
-    from datetime import datetime
-
-    try:
-        from airflow.sdk import DAG, BaseOperator
-    except ImportError:  # Airflow 2
-        from airflow import DAG
-        from airflow.models import BaseOperator
-
-
-    class Sleeper(BaseOperator):
-        def execute(self, context):
-            open(os.path.join({marks!r}, f"started-{{self.task_id}}"), "w").write(str(os.getpid()))
-            time.sleep(600)
-
-        def on_kill(self):
-            open(os.path.join({marks!r}, f"on_kill-{{self.task_id}}"), "w").write(str(os.getpid()))
-
-
-    with DAG("long_tasks", schedule="@once", start_date=datetime(2026, 1, 1), catchup=False):
-        Sleeper(task_id="a")
-        Sleeper(task_id="b")
-"""
-
-
-def with_running_tasks(deployment, marks: Path) -> None:
-    """``RUNNING_TASKS_DAG``, unpaused, its tasks marking into ``marks``; on Airflow 3 with the
-    api-server and dag-processor that tasks need."""
-    marks.mkdir()
-    (deployment.home / "dags" / "long_tasks.py").write_text(textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks))))
-    deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
-    deployment.start_task_services()
-
-
-def running_tasks(scheduler, marks: Path) -> list[psutil.Process]:
-    """Both tasks, once each has written its pid (the scheduler's log in the error if they never do)."""
-
-    def task_pids() -> list[int]:
-        pids = [mark.read_text() for mark in marks.glob("started-*")]  # a mark may exist still empty
-        return [int(pid) for pid in pids] if len(pids) == 2 and all(pids) else []
-
-    try:
-        pids = wait_for(task_pids, 240, interval=0.5, message="both tasks to run")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; scheduler log:\n{scheduler.log()[-3000:]}") from None
-    return [psutil.Process(pid) for pid in pids]
 
 
 def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
@@ -358,7 +142,7 @@ def test_sigkill_while_tasks_run_leaves_nothing_behind(deployment, tmp_path):
 def test_child_ignoring_sigterm_is_killed_after_child_stop_timeout(deployment):
     """The health-check server is made deaf to SIGTERM; the scheduler still stops in time."""
     deployment.add_local_settings(DEAF_HEALTH_CHECK)
-    scheduler = started(deployment, "--shutdown-timeout", "30", "--child-stop-timeout", "3")
+    scheduler = started_scheduler(deployment, "--shutdown-timeout", "30", "--child-stop-timeout", "3")
     assert scheduler.listening_on(deployment.health_port)
 
     sent = scheduler.signal(signal.SIGTERM)
@@ -375,7 +159,7 @@ def test_two_children_ignoring_sigterm_cost_one_child_stop_timeout(deployment):
     """Both servers are deaf: stopped together, they cost one child_stop_timeout, not one each, so a
     stop at half of shutdown_timeout still ends cleanly (exit 0), not as a forced exit (3)."""
     deployment.add_local_settings(DEAF_SERVERS)
-    scheduler = started(deployment, "--shutdown-timeout", "8", "--child-stop-timeout", "4")
+    scheduler = started_scheduler(deployment, "--shutdown-timeout", "8", "--child-stop-timeout", "4")
 
     sent = scheduler.signal(signal.SIGTERM)
     code, took = assert_exits(scheduler, sent, 8 + MARGIN)
@@ -430,7 +214,7 @@ def test_stock_scheduler_seed_scenario(deployment, postgres):
     Where the #32706 zombie path is present (2.6.3), the scheduler is dead but its process is still
     alive a minute later, serve-logs with it; where upstream fixed that path, it exits non-zero.
     """
-    zombie_path = compat.stock_scheduler_leaks_children_on_error()
+    zombie_path = doctor.scheduler_leaks_children_on_error()
     scheduler = started_stock(deployment)
     wait_for(lambda: scheduler.listening_on(deployment.log_port), 30, message="the serve-logs child")
 

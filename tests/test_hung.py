@@ -12,61 +12,19 @@ import signal
 import socket
 import subprocess
 import textwrap
-import threading
 import time
 
 import pytest
 
-from pg import free_port
-from procs import wait_for
-from test_faults import DEAF_HEALTH_CHECK, MARGIN, assert_exits, assert_no_orphans, started
-
-
-class Listener:
-    """Collects datagrams (statsd on UDP, sd_notify on a unix socket) in a background thread."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65535)
-            except (socket.timeout, OSError):
-                continue
-            self.messages.extend(data.decode(errors="replace").splitlines())
-
-    def has(self, pattern: str) -> bool:
-        return any(re.search(pattern, m) for m in list(self.messages))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
-@pytest.fixture
-def statsd():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    listener = Listener(sock)
-    listener.env = {
-        "AIRFLOW__METRICS__STATSD_ON": "True",
-        "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
-        "AIRFLOW__METRICS__STATSD_PORT": str(sock.getsockname()[1]),
-    }
-    yield listener
-    listener.close()
+from harness.faults import DEAF_HEALTH_CHECK, MARGIN, assert_exits, assert_no_orphans, started_scheduler
+from harness.listener import Listener
+from harness.pg import free_port
+from harness.procs import wait_for
 
 
 def test_frozen_db_is_a_stall_and_the_next_scheduler_works(deployment, postgres, statsd):
     """Every PostgreSQL process SIGSTOPped: stock Airflow waits in libpq forever. We exit 4."""
-    scheduler = started(
+    scheduler = started_scheduler(
         deployment, "--stall-timeout", "10", "--shutdown-timeout", "8", "--child-stop-timeout", "2",
         **statsd.env,
     )
@@ -83,7 +41,7 @@ def test_frozen_db_is_a_stall_and_the_next_scheduler_works(deployment, postgres,
     assert statsd.has(r"^airflow\.safe_scheduler\.seconds_since_heartbeat:[\d.]+\|g")
 
     postgres.thaw()
-    again = started(deployment)
+    again = started_scheduler(deployment)
     again.signal(signal.SIGTERM)
     assert again.wait_exit(30 + MARGIN) == 0
 
@@ -112,7 +70,7 @@ def _keepalive_idle(db_port: int, pid: int) -> list[float | None]:
 
 
 def test_metadata_db_connections_get_short_keepalives(deployment, postgres):
-    scheduler = started(deployment)
+    scheduler = started_scheduler(deployment)
     seen: list = []
 
     def short_timers() -> bool:
@@ -133,7 +91,7 @@ def test_metadata_db_connections_get_short_keepalives(deployment, postgres):
 )
 def test_keepalives_are_left_alone_when_asked(deployment, postgres, query, env):
     deployment.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = postgres.url + query
-    scheduler = started(deployment, **env)
+    scheduler = started_scheduler(deployment, **env)
     idle = wait_for(lambda: _keepalive_idle(postgres.port, scheduler.job_pid), 30, message="DB connections")
     assert all(t is None or t > 60 for t in idle), idle
 
@@ -144,7 +102,7 @@ def test_sd_notify_messages_in_order(deployment, test_root):
     sock.bind(path)
     notify = Listener(sock)
     try:
-        scheduler = started(deployment, NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
+        scheduler = started_scheduler(deployment, NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
         wait_for(lambda: notify.messages.count("WATCHDOG=1") >= 2, 30, message="two WATCHDOG=1")
         sent = scheduler.signal(signal.SIGTERM)
         code, _ = assert_exits(scheduler, sent, 30 + MARGIN)
@@ -162,7 +120,7 @@ def test_sd_notify_messages_in_order(deployment, test_root):
 def test_metrics_reach_statsd(deployment, statsd):
     """A child deaf to SIGTERM is killed: the kill and the shutdown's duration are reported."""
     deployment.add_local_settings(DEAF_HEALTH_CHECK)
-    scheduler = started(deployment, "--child-stop-timeout", "1", **statsd.env)
+    scheduler = started_scheduler(deployment, "--child-stop-timeout", "1", **statsd.env)
     wait_for(lambda: statsd.has(r"^airflow\.safe_scheduler\.seconds_since_heartbeat:[\d.]+\|g"), 30,
              message="the heartbeat-age gauge")
     sent = scheduler.signal(signal.SIGTERM)
@@ -204,7 +162,7 @@ def test_healthy_scheduler_under_load_is_never_stopped_by_the_stall_watchdog(dep
     # is twice that). Beats come every 2-3 s here, even beside two other heavy tests; on CI a 15 s
     # timeout once fired, after a gap whose cause the log did not show: the failure now prints the
     # gaps the database saw and the log's heartbeat lines.
-    scheduler = started(deployment, "--stall-timeout", "30")
+    scheduler = started_scheduler(deployment, "--stall-timeout", "30")
     beats: list[tuple[float, object]] = []  # (when we saw it, latest_heartbeat in the DB)
 
     def alive() -> bool:

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from procs import fill_pipe, wait_for
+from harness.procs import fill_pipe, wait_for
 from safe_scheduler import watchdog
 
 MARGIN = 10.0

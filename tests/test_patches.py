@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON
-from procs import wait_for
+from harness.components import LEAKY_LOGGING, started_component
+from harness.deployment import PYTHON
+from harness.faults import LEAKY_THREAD_PLUGIN, MARGIN, assert_no_orphans, started_stock
+from harness.procs import wait_for
 from safe_scheduler import doctor
-from test_components import LEAKY_LOGGING
-from test_components import started as started_component
-from test_faults import LEAKY_THREAD_PLUGIN, MARGIN, assert_no_orphans, started_stock
 
 pytestmark = pytest.mark.all_versions
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from procs import alive, wait_for
+from harness.procs import alive, wait_for
+from safe_scheduler import reaper
 
 pytestmark = pytest.mark.all_versions
 
@@ -32,7 +33,7 @@ FAKE_JOB = """
 
 
     def main(out):
-        reaper.follow_parent()
+        reaper.follow_parent().tell(float(os.environ["AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT"]))
         signal.signal(signal.SIGTERM, lambda *_: (open(out + ".term", "w").close(), os._exit(0)))
         # Its own session, as a task's `setsid` or `start_new_session=True` does.
         pids = [subprocess.Popen(["sleep", "600"], start_new_session=True).pid]
@@ -74,7 +75,7 @@ def _start(tmp_path: Path, grace: float = 2.0) -> tuple[subprocess.Popen, Path]:
         f"sys.argv = [{str(job)!r}, {str(pids)!r}]; reaper.run('scheduler', sys.argv[1:])"
     )
     env = dict(os.environ, AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT=str(grace))
-    env.pop("_SAFE_SCHEDULER_PARENT_PID", None)
+    env.pop(reaper.PARENT_ENV, None)
     parent = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdin=subprocess.DEVNULL)
     wait_for(pids.exists, 60, message="the stand-in job's children")
     return parent, pids

@@ -9,13 +9,13 @@ a real api-server and dag-processor run beside the scheduler.
 from __future__ import annotations
 
 import signal
-import textwrap
 import time
 
 import pytest
 
-from jobservice import JobService
-from procs import wait_for
+from harness.external_job import write_dag
+from harness.jobservice import JobService
+from harness.procs import wait_for
 
 pytestmark = pytest.mark.all_versions
 
@@ -25,65 +25,6 @@ MARGIN = 10.0
 NOTICE = 5.0
 #: Seconds a loaded machine may take between a SIGTERM sent and the job noticing it.
 SIGNAL_NOTICE = 2.0
-
-DAG = """
-    import json
-    import os
-    import time
-    import urllib.request
-    from datetime import datetime, timedelta
-
-    try:
-        from airflow.providers.standard.operators.python import PythonOperator
-        from airflow.sdk import DAG
-    except ImportError:  # Airflow 2
-        from airflow import DAG
-        from airflow.operators.python import PythonOperator
-
-    from safe_scheduler.tasks import on_termination
-
-    SERVICE = {service!r}
-    MODE = {mode!r}
-
-
-    def call(method, path):
-        data = b"" if method == "POST" else None
-        request = urllib.request.Request(SERVICE + path, method=method, data=data)
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"{{}}")
-
-
-    def cancel(job_id):
-        call("POST", f"/jobs/{{job_id}}/cancel")
-
-
-    def hang_forever(job_id):
-        call("POST", f"/jobs/{{job_id}}/hanging-cleanup")
-        time.sleep(600)
-
-
-    def run_job():
-        with on_termination(timeout=60) as stop:
-            job = call("POST", "/jobs")["id"]
-            stop.add(cancel, job)
-            if MODE == "hanging-cleanup":
-                stop.add(hang_forever, job)   # added last, runs first, and never returns
-            while call("GET", f"/jobs/{{job}}")["state"] == "running":
-                time.sleep(0.2)
-            raise RuntimeError(f"job {{job}} was cancelled")
-
-
-    with DAG("external_job", schedule="@once", start_date=datetime(2026, 1, 1), catchup=False,
-             default_args={{"retries": 1, "retry_delay": timedelta(seconds=1)}}):
-        for n in range({tasks}):
-            PythonOperator(task_id=f"job_{{n}}", python_callable=run_job)
-"""
-
-
-def write_dag(dags_folder, service_url: str, mode: str = "wait", tasks: int = 1) -> None:
-    """The DAG: ``tasks`` tasks, each starting one external job and waiting for it."""
-    (dags_folder / "external_job.py").write_text(textwrap.dedent(DAG.format(service=service_url, mode=mode, tasks=tasks)))
-
 
 @pytest.fixture
 def service():

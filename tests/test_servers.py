@@ -17,10 +17,9 @@ import time
 import psutil
 import pytest
 
-from conftest import PYTHON
-from procs import wait_for
-from test_faults import started
-from test_hung import statsd  # noqa: F401 - the fixture
+from harness.deployment import PYTHON
+from harness.faults import started_scheduler
+from harness.procs import wait_for
 
 pytestmark = pytest.mark.all_versions
 
@@ -38,7 +37,7 @@ def _listener_pids(scheduler, port: int) -> set[int]:
 
 
 def test_killed_log_server_is_listening_again(deployment, statsd):  # noqa: F811
-    scheduler = started(deployment, **statsd.env)
+    scheduler = started_scheduler(deployment, **statsd.env)
     killed = _kill_log_server(scheduler, deployment.log_port)
     gone = time.monotonic()
 
@@ -55,7 +54,7 @@ def test_killed_log_server_is_listening_again(deployment, statsd):  # noqa: F811
 def test_log_server_that_cannot_come_back_does_not_stop_scheduling(deployment, statsd):  # noqa: F811
     """Its port is taken (a leftover of another scheduler, #40726): the restarts fail, are counted,
     back off, and the scheduler keeps heartbeating; once the port is free it is back."""
-    scheduler = started(deployment, **statsd.env)
+    scheduler = started_scheduler(deployment, **statsd.env)
     killed = _kill_log_server(scheduler, deployment.log_port)
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

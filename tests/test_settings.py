@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from safe_scheduler.settings import Settings, UsageError, load
+from safe_scheduler import components, settings
+from safe_scheduler.settings import Settings, UsageError
+
+
+def load(overrides: dict, conf, component: str = "scheduler") -> Settings:
+    """``settings.load`` for the component called ``component`` (its threshold and default port)."""
+    return settings.load(overrides, conf, components.get(component))
 
 
 class FakeConf:
@@ -13,8 +19,7 @@ class FakeConf:
         self.health_threshold = health_threshold
 
     def get(self, section: str, key: str, fallback=None):
-        if section == "scheduler":
-            assert key == "scheduler_health_check_threshold"
+        if key.endswith("health_check_threshold"):  # the component's own, e.g. [scheduler] …
             return self.health_threshold if self.health_threshold is not None else fallback
         assert section == "safe_scheduler"
         return self.values.get(key, fallback)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, base_env
-from jobservice import JobService
-from procs import TreeWatcher, wait_for
+from harness.deployment import PYTHON, base_env
+from harness.jobservice import JobService
+from harness.procs import TreeWatcher, wait_for
 
 
 DAG_FILE = """

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from procs import fill_pipe
+from harness.procs import fill_pipe
 from safe_scheduler import exitcodes, watchdog
 
 
@@ -97,8 +97,8 @@ def test_forced_exit_waits_for_a_queue_listener_to_write_the_stack_dump():
                 time.sleep(0.3)
                 super().emit(record)
 
-        from safe_scheduler import metrics
-        metrics.incr("warm_up")  # Airflow imported, as in a triggerer: the report itself is quick
+        from safe_scheduler.metrics import Metrics
+        Metrics().incr("warm_up")  # Airflow imported, as in a triggerer: the report itself is quick
 
         records = queue.SimpleQueue()
         root = logging.getLogger()
@@ -177,9 +177,10 @@ def test_stall_with_logging_stuck_still_ends_the_process():
     done, _ = _run(
         """
         from safe_scheduler.stall import StallWatchdog
-        from safe_scheduler import exitcodes, metrics
+        from safe_scheduler import exitcodes
+        from safe_scheduler.metrics import Metrics
         stall = StallWatchdog(1.0, name="scheduler", on_stall=lambda why: dog.begin(why, Cause.STALLED))
-        metrics.gauge("seconds_since_heartbeat", 0)   # Airflow imported and Stats set up, as in a scheduler
+        Metrics().gauge("seconds_since_heartbeat", 0)   # Airflow imported and Stats set up, as in a scheduler
         import signal; signal.signal(signal.SIGTERM, lambda *a: None)   # the job would notice it later
         logging._lock.acquire()                  # left held, as a swallowed SystemExit can leave it
         import time; print("started", time.monotonic(), flush=True)

@@ -155,10 +155,14 @@ class TreeWatcher:
 
 
 class SchedulerProcess:
-    def __init__(self, cmd: list[str], env: dict, log_path: Path, health_port: int, reaped: bool = False) -> None:
+    def __init__(self, cmd: list[str], env: dict, log_path: Path, health_port: int, reaped: bool = False,
+                 own_session: bool = False) -> None:
         self.cmd, self.env, self.log_path, self.health_port = cmd, env, log_path, health_port
         #: Whether the command is our tiny parent with the job process below it (``reaper``).
         self.reaped = reaped
+        #: Whether it starts in a session of its own, as systemd starts a service: every process
+        #: below it that did not leave the session can then be found by it (``in_session``).
+        self.own_session = own_session
         self._job_pid: int | None = None
         self.popen: subprocess.Popen | None = None
         self.watchers: list[TreeWatcher] = []
@@ -171,7 +175,7 @@ class SchedulerProcess:
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
             self.cmd, env=self.env, stdout=self._log if output is None else output,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=self.own_session,
         )
         self.watchers.append(TreeWatcher(self.popen.pid))
         return self
@@ -261,6 +265,16 @@ class SchedulerProcess:
 
     def survivors(self) -> list[psutil.Process]:
         return [p for p in self.seen.values() if alive(p)]
+
+    def in_session(self) -> list[psutil.Process]:
+        """The living processes of its session (``own_session``): found without knowing their pids."""
+        assert self.own_session, "started in the caller's session: its session is the test's too"
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+                if proc.pid != self.pid and os.getsid(proc.pid) == self.pid and alive(proc):
+                    found.append(proc)
+        return found
 
     def below_job(self) -> list[psutil.Process]:
         """The job process's own descendants that are alive (not the job itself)."""

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pg
+from harness import pg
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -1,0 +1,96 @@
+"""What every bench section shares: one migrated PostgreSQL template per run, a fresh deployment on
+a clone of it per measurement, the safe commands' flags, and how a process tree is timed and read.
+
+The deployments, servers and faults are the tests' own (``tests/harness``): the bench measures
+what the tests check.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+# This process imports Airflow too (through the harness): keep its airflow.cfg out of ~/airflow.
+if "AIRFLOW_HOME" not in os.environ:
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="safe-scheduler-bench-home-")
+    atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
+
+from harness import pg  # noqa: E402
+from harness.deployment import PYTHON, Deployment, base_env  # noqa: E402
+from harness.procs import threads_of  # noqa: E402
+
+SAFE_ARGS = ["--shutdown-timeout", "10", "--child-stop-timeout", "3", "--stall-timeout", "10"]
+COMPONENTS = ("scheduler", "triggerer", "dag-processor")
+
+
+class Lab:
+    """The run's PostgreSQL template, and a deployment on a clone of it for each measurement."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        home = root / "template-home"
+        home.mkdir()
+        print("building the migrated PostgreSQL template ...", flush=True)
+        self.template = pg.make_template(root, base_env(home), PYTHON)
+
+    def deployment(self) -> tuple[Deployment, pg.PgServer]:
+        work = Path(tempfile.mkdtemp(prefix="run-", dir=self.root))
+        work.chmod(0o755)
+        server = pg.clone(self.template, work / "data")
+        server.start()
+        return Deployment(work / "airflow", server.url), server
+
+
+def safe_args(stock: bool) -> list[str]:
+    return [] if stock else SAFE_ARGS
+
+
+def gone(scheduler, started: float, limit: float) -> tuple[int | None, float | None]:
+    """Exit code, and seconds from ``started`` until the whole tree (the scheduler and every process
+    it forked) is gone; None for the seconds if that did not happen within ``limit``."""
+    code = scheduler.wait_exit(limit)
+    while scheduler.survivors() and time.monotonic() - started < limit:
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    return code, (took if code is not None and not scheduler.survivors() else None)
+
+
+def cmdline(proc: psutil.Process) -> str:
+    """The first three words of its command line; "" once it has gone."""
+    try:
+        return " ".join(proc.cmdline()[:3])
+    except psutil.Error:
+        return ""
+
+
+def cpu(procs: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def ours(pid: int) -> list[float]:
+    """CPU seconds used so far by each of the job process's ``safe-…`` threads."""
+    return [seconds for name, seconds in threads_of(pid).values() if name.startswith("safe-")]
+
+
+def fmt(value: float | None, limit: float) -> str:
+    return f"never (> {limit:g} s)" if value is None else f"{value:.1f}"
+
+
+def interleaved(reps: int, measure, label: str) -> dict[str, list]:
+    """``measure(stock)`` ``reps`` times for stock and safe, in turn, so that drift hits both alike."""
+    runs: dict[str, list] = {"stock": [], "safe": []}
+    for rep in range(reps):
+        for kind in ("stock", "safe"):
+            result = measure(kind == "stock")
+            runs[kind].append(result)
+            print(f"{label} [{kind} {rep + 1}/{reps}]: {result}", flush=True)
+    return runs
