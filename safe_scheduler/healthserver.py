@@ -1,17 +1,31 @@
-"""A liveness endpoint that costs nothing: answered from the watchdogs' own state.
+"""A liveness endpoint that costs nothing and that no client can stall.
 
 The chart probes every component with ``airflow jobs check``: a whole Python and Airflow start
 (2.5–2.7 CPU-seconds, 139 MB here: ``bench/results/probes/``) every minute, only to read the
-heartbeat row. It fails when the
-database is merely slow (#19001, #20644), and a component that heartbeats without working passes
-it (#65286). Airflow's own scheduler health server queries the database on every request too
-(#39088).
+heartbeat row. It fails when the database is merely slow (#19001, #20644), and a component that
+heartbeats without working passes it (#65286). Airflow's own scheduler health server queries the
+database on every request too (#39088), and answers one client at a time with no timeout at all:
+one idle connection stalls it.
 
-This endpoint is a thread in the job process. It reads two things the process already knows: the
+This endpoint is one thread in the job process. It reads two things the process already knows: the
 seconds since the last successful heartbeat (recorded by the main thread after the heartbeat was
 committed, the same clock the stall watchdog acts on) and whether shutdown has begun. No query, no
 process, no interpreter. A process wedged with the GIL held cannot answer at all, and the probe's
 timeout counts that as a failure too.
+
+Whoever can reach the port must not be able to make the probe fail (in a cluster: any pod, a port
+scanner, a misconfigured scraper). So the thread serves every connection at once from one
+``selectors`` loop, never blocks on a client, and bounds what it accepts:
+
+* at most ``MAX_CONNECTIONS`` open connections; a new one beyond that closes the oldest (the probe
+  is new, an idle or trickling client old);
+* at most ``MAX_REQUEST`` bytes of request line and headers (431 past that);
+* at most ``REQUEST_TIMEOUT`` seconds from accept to a whole request (closed past that);
+* one request per connection, answered and closed (``Connection: close``).
+
+Malformed requests (garbage, an HTTP/0.9 line, a method other than GET or HEAD) get a 4xx and are
+closed; nothing is logged for them (stderr can be a full pipe) and nothing is raised. The answer
+says only healthy or not and the heartbeat's age: no version, no host, no configuration.
 """
 
 from __future__ import annotations
@@ -19,17 +33,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
 import socket
+import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from safe_scheduler import threads
 
 log = logging.getLogger("safe_scheduler.healthserver")
 
 PATH = "/health"
-#: Seconds a client gets to send its request: one slow client must not hold the probe of the next.
-REQUEST_TIMEOUT = 5.0
+#: Connections served at once. A probe is one; 64 leaves room for a scraper, a person and a
+#: load balancer, and costs 64 descriptors at most.
+MAX_CONNECTIONS = 64
+#: Bytes of request line and headers a client may send (a probe sends about 100).
+MAX_REQUEST = 4096
+#: Seconds from accept to a whole request: a probe sends it at once, a slow client loses its slot.
+REQUEST_TIMEOUT = 2.0
+#: Connections taken from the listen queue per wake-up, so that a flood cannot starve the others.
+ACCEPT_BATCH = 32
+#: The kernel's queue of connections not yet accepted. While this thread waits for the GIL or a
+#: core, a burst of connections must not overflow it: the kernel would drop the probe's handshake,
+#: and the client would only try again after a second.
+BACKLOG = 1024
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 class Health:
@@ -46,76 +74,175 @@ class Health:
         return (not self.shutting_down() and age < self.unhealthy_after), age
 
 
-class _Handler(BaseHTTPRequestHandler):
-    # Nothing about the software or its version: the answer is healthy or not, and the age.
-    server_version = "health"
-    sys_version = ""
-    timeout = REQUEST_TIMEOUT
-    error_message_format = ""
-    health: Health
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._answer(body=True)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._answer(body=False)
-
-    def _answer(self, body: bool) -> None:
-        if self.path.split("?", 1)[0] != PATH:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        healthy, age = self.health.read()
-        payload = json.dumps({
-            "status": "healthy" if healthy else "unhealthy",
-            "seconds_since_heartbeat": round(age, 1),
-        }).encode()
-        self.send_response(200 if healthy else 503)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if body:
-            self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass  # a probe every few seconds is not news; stderr can be a full pipe
+def request_line(head: bytes) -> tuple[str, str] | None:
+    """(method, target) of an HTTP/1.x request line; None for anything else (garbage, HTTP/0.9)."""
+    try:
+        method, target, version = head.split(b"\n", 1)[0].decode("ascii").strip().split(" ")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (method, target) if version in ("HTTP/1.0", "HTTP/1.1") else None
 
 
-class HealthServer(HTTPServer):
-    allow_reuse_address = True  # a restart right after a crash must not find the port in TIME_WAIT
+def response(health: Health, head: bytes) -> bytes:
+    """The whole response to a request whose line and headers are ``head``."""
+    line = request_line(head)
+    if line is None:
+        return _message(400)
+    method, target = line
+    if method not in ("GET", "HEAD"):
+        return _message(405, extra=b"Allow: GET, HEAD\r\n")
+    if target.split("?", 1)[0] != PATH:
+        return _message(404)
+    healthy, age = health.read()
+    body = json.dumps({"status": "healthy" if healthy else "unhealthy",
+                       "seconds_since_heartbeat": round(age, 1)}).encode()
+    return _message(200 if healthy else 503, body, b"Content-Type: application/json\r\n", head_only=method == "HEAD")
+
+
+def _message(status: int, body: bytes = b"", extra: bytes = b"", head_only: bool = False) -> bytes:
+    head = (f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n").encode() + extra + b"\r\n"
+    return head if head_only else head + body
+
+
+class _Client:
+    """One connection: what it has sent so far, what is left to send it, and until when it may take."""
+
+    __slots__ = ("sock", "received", "outgoing", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.received = b""
+        self.outgoing = b""
+        self.deadline = deadline
+
+
+class HealthServer:
+    """The listening socket and its clients, served by one thread from one ``selectors`` loop."""
 
     def __init__(self, host: str, port: int, health: Health) -> None:
-        handler = type("HealthHandler", (_Handler,), {"health": health})
+        self.health = health
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.address_family = family
-        super().__init__((host, port), handler)
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        # A restart right after a crash must not find the port in TIME_WAIT.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+            self.socket.listen(BACKLOG)
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.socket, selectors.EVENT_READ)
+        #: Open connections, oldest first (dicts keep insertion order): the oldest goes when full.
+        self._clients: dict[socket.socket, _Client] = {}
         # A forked child (executor worker, serve-logs) would keep the listening socket, and with it
         # the port, after this process is gone (as serve-logs' leftovers do, #40726).
         os.register_at_fork(after_in_child=self._close_in_child)
 
     def _close_in_child(self) -> None:
+        for sock in [self.socket, *self._clients]:
+            try:
+                sock.close()
+            except OSError:
+                pass
         try:
-            self.socket.close()
-        except OSError:
+            self._selector.close()
+        except (OSError, ValueError):
             pass
 
     def start(self) -> None:
-        """Answer from a daemon thread, blocked in ``accept`` between requests (no polling)."""
         threads.start_daemon("safe-health", self._serve)
 
     def _serve(self) -> None:
-        # ``timeout`` is None: ``handle_request`` blocks until a client comes. A failing request
-        # goes to ``handle_error``; only a closed socket ends the loop.
         while True:
             try:
-                self.handle_request()
-            except (OSError, ValueError):  # the socket was closed: the process is on its way out
+                self.serve_once()
+            except (OSError, ValueError):  # the selector or the socket was closed: on the way out
                 return
 
-    def handle_error(self, request: object, client_address: object) -> None:
-        log.debug("health request from %s failed", client_address, exc_info=True)
+    def serve_once(self) -> None:
+        """Wait for something to do (no longer than the nearest client deadline), and do it."""
+        now = time.monotonic()
+        wait = min((c.deadline for c in self._clients.values()), default=now + 3600) - now
+        for key, events in self._selector.select(max(0.0, wait)):
+            if key.fileobj is self.socket:
+                self._accept()
+            else:
+                client = self._clients.get(key.fileobj)  # type: ignore[arg-type]
+                if client is not None:
+                    self._step(client, events)
+        now = time.monotonic()
+        for client in [c for c in self._clients.values() if c.deadline <= now]:
+            self._close(client)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the client gave up before we took it (ECONNABORTED), or no fds left
+                return
+            if len(self._clients) >= MAX_CONNECTIONS:
+                self._close(next(iter(self._clients.values())))
+            sock.setblocking(False)
+            client = _Client(sock, time.monotonic() + REQUEST_TIMEOUT)
+            self._clients[sock] = client
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _step(self, client: _Client, events: int) -> None:
+        if events & selectors.EVENT_READ and not client.outgoing:
+            try:
+                data = client.sock.recv(MAX_REQUEST + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # closed mid-request
+                self._close(client)
+                return
+            client.received += data
+            end = client.received.find(b"\r\n\r\n")
+            if end < 0:
+                end = client.received.find(b"\n\n")
+            if end < 0 and b"\n" in client.received and request_line(client.received) is None:
+                self._reply(client, _message(400))  # no need to wait for headers that cannot help
+            elif end < 0 and len(client.received) > MAX_REQUEST:
+                self._reply(client, _message(431))
+            elif end >= 0:
+                self._reply(client, response(self.health, client.received[:end]) if end <= MAX_REQUEST
+                            else _message(431))
+        elif events & selectors.EVENT_WRITE:
+            self._send(client)
+
+    def _reply(self, client: _Client, data: bytes) -> None:
+        client.outgoing = data
+        self._send(client)
+        if client.outgoing and client.sock in self._clients:
+            self._selector.modify(client.sock, selectors.EVENT_WRITE)
+
+    def _send(self, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.outgoing)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(client)
+            return
+        client.outgoing = client.outgoing[sent:]
+        if not client.outgoing:
+            self._close(client)
+
+    def _close(self, client: _Client) -> None:
+        self._clients.pop(client.sock, None)
+        try:
+            self._selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
 
 
 def start(host: str, port: int, health: Health) -> HealthServer:
@@ -124,4 +251,3 @@ def start(host: str, port: int, health: Health) -> HealthServer:
     server.start()
     log.info("Liveness endpoint on http://%s:%d%s", host or "0.0.0.0", server.server_address[1], PATH)
     return server
-

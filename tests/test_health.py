@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from procs import wait_for
-from test_components import started
-from test_faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans
-
+from harness.components import started_component
+from harness.faults import HANGING_SHUTDOWN_PLUGIN, MARGIN, assert_exits, assert_no_orphans
+from harness.procs import threads_of, wait_for
 
 
 def probe(port: int, path: str = "/health", method: str = "GET") -> tuple[int | None, dict, dict]:
@@ -51,7 +51,7 @@ def healthy(proc, port: int):
 ])
 def test_healthy_from_memory_then_unhealthy_when_heartbeats_stop(deployment, postgres, name):
     port = deployment.endpoint_port(name)
-    proc = started(deployment, postgres, name, "--stall-timeout", "10", "--shutdown-timeout", "8")
+    proc = started_component(deployment, postgres, name, "--stall-timeout", "10", "--shutdown-timeout", "8")
     wait_for(healthy(proc, port), 60, interval=0.3, message="the endpoint to say healthy")
     status, body, _ = probe(port)
     assert body["status"] == "healthy" and 0 <= body["seconds_since_heartbeat"] < 10, body
@@ -83,7 +83,7 @@ def test_unhealthy_while_shutting_down_and_nothing_else_answered(deployment, pos
     """SIGTERM with a listener that hangs the stop: a fresh heartbeat, but shutting down is 503."""
     deployment.add_plugin("blocker", HANGING_SHUTDOWN_PLUGIN)
     port = deployment.endpoint_port("scheduler")
-    proc = started(deployment, postgres, "scheduler", "--shutdown-timeout", "10", "--child-stop-timeout", "2")
+    proc = started_component(deployment, postgres, "scheduler", "--shutdown-timeout", "10", "--child-stop-timeout", "2")
     wait_for(healthy(proc, port), 60, interval=0.3, message="the endpoint to say healthy")
 
     status, body, headers = probe(port, method="HEAD")
@@ -110,3 +110,69 @@ def test_can_be_turned_off(deployment):
     proc = deployment.scheduler(AIRFLOW__SAFE_SCHEDULER__ENABLE_HEALTH_CHECK="False")
     proc.wait_healthy()  # Airflow's own health check: the scheduler runs
     assert probe(deployment.endpoint_port("scheduler"))[0] is None
+
+
+def _trickle(port: int, stop: threading.Event) -> None:
+    """A client that sends its request one byte a second, reconnecting whenever it is cut off."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                for byte in request:
+                    if stop.wait(1.0):
+                        return
+                    sock.sendall(bytes([byte]))
+        except OSError:
+            continue
+
+
+def _answer(port: int, data: bytes, close_early: bool = False) -> bytes:
+    """The status line the endpoint answers ``data`` with; b"" if it only closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        if close_early:
+            return b""
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.all_versions
+def test_no_client_can_stall_the_probe(deployment, postgres):
+    """100 idle connections and 10 clients that send a byte a second: the probe still gets 200 in
+    under a second, ten times in a row; malformed requests get a 4xx and leave no trace."""
+    port = deployment.endpoint_port("scheduler")
+    proc = started_component(deployment, postgres, "scheduler")
+    wait_for(healthy(proc, port), 60, interval=0.3, message="the endpoint to say healthy")
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+    stop = threading.Event()
+    trickles = [threading.Thread(target=_trickle, args=(port, stop), daemon=True) for _ in range(10)]
+    try:
+        for thread in trickles:
+            thread.start()
+        for _ in range(10):
+            asked = time.monotonic()
+            status, body, _ = probe(port)
+            took = time.monotonic() - asked
+            assert status == 200 and took < 1.0, (status, body, f"{took:.2f}s")
+    finally:
+        stop.set()
+        for sock in idle:
+            sock.close()
+        for thread in trickles:
+            thread.join(5)
+
+    assert _answer(port, b"\x16\x03\x01garbage\r\n\r\n").startswith(b"HTTP/1.1 4")
+    assert _answer(port, b"GET /health\r\n").startswith(b"HTTP/1.1 4")  # HTTP/0.9
+    assert _answer(port, b"GET /health HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n").startswith(b"HTTP/1.1 4")
+    assert _answer(port, b"DELETE /health HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 4")
+    _answer(port, b"GET /hea", close_early=True)  # closed mid-request
+    status, _, _ = probe(port)
+    assert status == 200
+    assert "safe-health" in {name for name, _ in threads_of(proc.job_pid).values()}
+    since_start = proc.log().split("Liveness endpoint on", 1)[1].split("\n", 1)[1]
+    assert "safe_scheduler.healthserver" not in since_start and "safe-health" not in since_start, since_start[-3000:]
