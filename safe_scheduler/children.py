@@ -33,8 +33,8 @@ import psutil
 
 from safe_scheduler import compat, output, threads, tree
 from safe_scheduler.metrics import Metrics
+from safe_scheduler.component import key_of
 from safe_scheduler.prctl import set_death_signal
-from safe_scheduler.settings import key_of
 
 log = logging.getLogger("safe_scheduler.children")
 

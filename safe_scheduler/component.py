@@ -14,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from safe_scheduler.settings import key_of
+
+def key_of(name: str) -> str:
+    """A component's name as a key: module, metric and setting names ("dag-processor" -> "dag_processor")."""
+    return name.replace("-", "_")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # component imports this module
-    from safe_scheduler.component import Component
+from safe_scheduler.component import Component, key_of
 
 SECTION = "safe_scheduler"
 
@@ -83,11 +81,6 @@ def _boolean(raw: object, name: str) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise UsageError(f"{name} must be True or False, got {raw!r}")
-
-
-def key_of(component: str) -> str:
-    """A component's name as a key: module, metric and setting names ("dag-processor" -> "dag_processor")."""
-    return component.replace("-", "_")
 
 
 def health_port_key(component: str) -> str:

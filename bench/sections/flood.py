@@ -23,9 +23,7 @@ port, rate, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 request = b"GET /health HTTP/1.1\\r\\nHost: bench\\r\\n\\r\\n"
 start, sent, ok = time.monotonic(), 0, 0
 while time.monotonic() - start < seconds:
-    due = start + sent / rate
-    if due > time.monotonic():
-        time.sleep(due - time.monotonic())
+    time.sleep(max(0.0, start + sent / rate - time.monotonic()))
     sent += 1
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
@@ -51,6 +49,8 @@ def flooded(rate: float):
 
         def finish() -> dict:
             out, _ = flood.communicate(timeout=window + 60)
+            if flood.returncode != 0:
+                raise RuntimeError(f"the flood client failed (exit {flood.returncode})")
             achieved, answered = (float(x) for x in out.split())
             return {"flood_rate": achieved, "flood_answered_200": answered,
                     "endpoint_cpu_pct_core": (_endpoint_cpu(proc.pid) - before) * 100 / window}

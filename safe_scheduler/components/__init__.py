@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from safe_scheduler.component import Component
-from safe_scheduler.settings import key_of
+from safe_scheduler.component import Component, key_of
 
 #: Every component, by the ``airflow`` command it replaces.
 NAMES = ("scheduler", "triggerer", "dag-processor")
