@@ -1,6 +1,13 @@
 """The liveness endpoint under a flood: the safe scheduler's throughput and CPU per 1000 task
-instances while a client sends its endpoint ``--flood-rate`` requests a second, against the same
-without the flood, in pairs; and the endpoint thread's own CPU."""
+instances while a client sends its endpoint ``--flood-rate`` requests a second, in triples:
+
+* quiet: no flood;
+* control: the same flood, at the same endpoint code run in a process of its own, so that the
+  client's and the kernel's share of the two cores is the same as under the flood;
+* flood: the flood at the scheduler's own endpoint.
+
+flood / control is what the endpoint costs the scheduler; control / quiet what the flood costs
+the machine. The endpoint thread's own CPU is read per thread from /proc."""
 
 from __future__ import annotations
 
@@ -39,16 +46,35 @@ def _endpoint_cpu(pid: int) -> float:
     return sum(seconds for name, seconds in threads_of(pid).values() if name == "safe-health")
 
 
-def flooded(rate: float):
-    """A ``throughput`` hook: the flood for the window; its rate, answered share and endpoint CPU."""
+#: The control's endpoint: the same server, healthy, in a process of its own; prints its port.
+CONTROL = """
+import sys, threading
+from safe_scheduler import healthserver
+server = healthserver.start("127.0.0.1", 0, healthserver.Health(lambda: 1.0, lambda: False, 60.0))
+print(server.server_address[1], flush=True)
+threading.Event().wait()
+"""
+
+
+def flooded(rate: float, control: bool):
+    """A ``throughput`` hook: the flood for the window, at the scheduler's endpoint or the control's;
+    its rate, answered share and the scheduler's endpoint thread's CPU."""
 
     def start(dep: Deployment, proc: psutil.Process, window: float):
         before = _endpoint_cpu(proc.pid)
-        flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(dep.endpoint_port("scheduler")), str(rate),
-                                  str(window)], stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        target = subprocess.Popen([sys.executable, "-c", CONTROL], stdout=subprocess.PIPE, text=True,
+                                  stdin=subprocess.DEVNULL) if control else None
+        port = int(target.stdout.readline()) if target else dep.endpoint_port("scheduler")
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(port), str(rate), str(window)],
+                                 stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
         def finish() -> dict:
-            out, _ = flood.communicate(timeout=window + 60)
+            try:
+                out, _ = flood.communicate(timeout=window + 60)
+            finally:
+                if target:
+                    target.kill()
+                    target.wait(10)
             if flood.returncode != 0:
                 raise RuntimeError(f"the flood client failed (exit {flood.returncode})")
             achieved, answered = (float(x) for x in out.split())
@@ -62,10 +88,10 @@ def flooded(rate: float):
 
 def measure(lab: Lab, args) -> dict:
     dags, tasks, warmup, window = (10, 5, 5, 20) if args.quick else (50, 20, 15, 60)
-    runs: dict[str, list] = {"quiet": [], "flood": []}
+    runs: dict[str, list] = {"quiet": [], "control": [], "flood": []}
     for rep in range(args.reps):
-        for kind in ("quiet", "flood"):  # interleaved, so drift hits both alike
-            hook = flooded(args.flood_rate) if kind == "flood" else None
+        for kind in runs:  # interleaved, so drift hits all three alike
+            hook = None if kind == "quiet" else flooded(args.flood_rate, control=kind == "control")
             result = throughput(lab, False, dags, tasks, warmup, window, during=hook)
             runs[kind].append(result)
             print(f"endpoint flood [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
@@ -73,20 +99,24 @@ def measure(lab: Lab, args) -> dict:
 
 
 def table(runs: dict, args) -> list[str]:
-    pairs = list(zip(runs["quiet"], runs["flood"]))
     lines = ["", f"## The liveness endpoint under a flood ({args.flood_rate:g} requests a second, one connection "
-             "each; the safe scheduler, with and without, in pairs; ratio = flood / quiet)", "",
-             "| measure | quiet (median) | flood (median) | ratio of medians | per-pair ratios |",
-             "| --- | --- | --- | --- | --- |"]
+             "each; the safe scheduler; medians, and the ratios per triple)", "",
+             "Control: the same flood at the same endpoint code in a process of its own (the client's and the "
+             "kernel's share of the cores as under the flood). flood / control is what the endpoint costs the "
+             "scheduler; control / quiet what the flood costs the machine.", "",
+             "| measure | quiet | control | flood | flood / control, per triple | control / quiet, per triple |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    triples = list(zip(runs["quiet"], runs["control"], runs["flood"]))
     for key, label in (("tis_per_s", "throughput (TIs/s)"), ("cpu_s_per_1000", "scheduler CPU per 1000 TIs (s)")):
-        quiet = statistics.median(r[key] for r in runs["quiet"])
-        flood = statistics.median(r[key] for r in runs["flood"])
-        ratios = sorted(b[key] / a[key] for a, b in pairs)
-        lines.append(f"| {label} | {quiet:.4g} | {flood:.4g} | {flood / quiet:.3f} | "
-                     f"{', '.join(f'{r:.3f}' for r in ratios)} |")
+        medians = [statistics.median(r[key] for r in runs[kind]) for kind in ("quiet", "control", "flood")]
+        ours = sorted(f[key] / c[key] for _, c, f in triples)
+        machine = sorted(c[key] / q[key] for q, c, _ in triples)
+        lines.append(f"| {label} | {medians[0]:.4g} | {medians[1]:.4g} | {medians[2]:.4g} | "
+                     f"median {statistics.median(ours):.3f} ({', '.join(f'{r:.3f}' for r in ours)}) | "
+                     f"median {statistics.median(machine):.3f} ({', '.join(f'{r:.3f}' for r in machine)}) |")
     flood = runs["flood"]
     lines += ["", f"Flood achieved {statistics.median(r['flood_rate'] for r in flood):.0f} requests/s, "
-              f"{min(r['flood_answered_200'] for r in flood):.3f} of them answered 200 (worst run); the endpoint "
-              f"thread used {statistics.median(r['endpoint_cpu_pct_core'] for r in flood):.2f} % of a core "
-              "(median, read per thread from /proc)."]
+              f"{min(r['flood_answered_200'] for r in flood):.3f} of them answered 200 (worst run); the "
+              f"scheduler's endpoint thread used {statistics.median(r['endpoint_cpu_pct_core'] for r in flood):.2f} % "
+              "of a core (median, read per thread from /proc)."]
     return lines
