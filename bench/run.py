@@ -8,7 +8,7 @@ absolute time (this machine is noisy). Writes ``bench/results/latest.md`` and ``
     scripts/bench --quick         # 1 repetition, small load: proves it works
 
 Each section is a module of ``bench/sections`` (faults, kills, tasks, probes, celery, overhead,
-flood);
+flood, outages);
 ``bench/lab.py`` holds what they share. The liveness-probe rows need ``scripts/k8s-tools`` (helm).
 """
 
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from lab import COMPONENTS, REPO, SAFE_ARGS, Lab
-from sections import celery, faults, flood, kills, overhead, probes, tasks
+from sections import celery, faults, flood, kills, outages, overhead, probes, tasks
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +45,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="requests a second at the liveness endpoint in the flood section (default 500)")
     parser.add_argument("--start-methods", nargs="*", choices=kills.START_METHODS, default=list(kills.START_METHODS),
                         help="kill -9 of each component under these start methods (default: all; none: skip)")
+    parser.add_argument("--outages", type=float, nargs="*", default=None,
+                        help="database outages under restarts, seconds each (default 20 120 600; quick: 20; none: skip)")
+    parser.add_argument("--restart-policies", nargs="*", choices=["kubelet", "supervisord", "systemd"],
+                        default=["kubelet", "supervisord", "systemd"], help="who restarts the components in the outages")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
@@ -52,6 +56,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.idle_window = 20.0 if args.quick else 60.0
     args.kill_wait = 10.0 if args.quick else 30.0
     args.tasks = args.tasks if args.tasks is not None else ([1] if args.quick else [1, 16])
+    args.outages = args.outages if args.outages is not None else ([20.0] if args.quick else [20.0, 120.0, 600.0])
     return args
 
 
@@ -65,6 +70,7 @@ def sections(args: argparse.Namespace) -> dict:
         "celery": (celery, not args.no_celery),
         "overhead": (overhead, not args.no_overhead),
         "endpoint_flood": (flood, not args.no_flood),
+        "outages": (outages, args.outages and args.restart_policies),
     }
     return {key: module for key, (module, on) in wanted.items() if on}
 

@@ -59,6 +59,13 @@ def build_parser(component: Component) -> argparse.ArgumentParser:
         "exits (code 4); 0 disables. Default: [safe_scheduler] stall_timeout, else twice "
         f"[{component.health_threshold[0]}] {component.health_threshold[1]}.",
     )
+    ours.add_argument(
+        "--db-wait-timeout",
+        metavar="SECONDS",
+        help="Seconds to wait at start for a metadata database that does not answer (refused, timed "
+        "out, a name that does not resolve), polling every second, before refusing to start (code 2); "
+        "0 refuses at once. Default: [safe_scheduler] db_wait_timeout, 600.",
+    )
     if component.runs_tasks:
         _add_task_flags(ours)
     ours.add_argument("--version", action="store_true", help="Show the version and exit.")
@@ -83,5 +90,6 @@ def _add_task_flags(ours: argparse._ArgumentGroup) -> None:
 
 def overrides(args: argparse.Namespace) -> dict[str, str | None]:
     """Our flags' values, by setting name (``settings.load``): each flag is its setting's name."""
-    keys = ("shutdown_timeout", "child_stop_timeout", "stall_timeout", "task_drain_timeout", "task_cleanup_timeout")
+    keys = ("shutdown_timeout", "child_stop_timeout", "stall_timeout", "task_drain_timeout", "task_cleanup_timeout",
+            "db_wait_timeout")
     return {key: getattr(args, key, None) for key in keys}

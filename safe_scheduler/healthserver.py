@@ -35,6 +35,7 @@ import logging
 import os
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -69,9 +70,22 @@ class Health:
         self.shutting_down = shutting_down
         self.unhealthy_after = unhealthy_after
 
-    def read(self) -> tuple[bool, float]:
+    def answer(self) -> tuple[bool, dict]:
         age = self.seconds_since_heartbeat()
-        return (not self.shutting_down() and age < self.unhealthy_after), age
+        healthy = not self.shutting_down() and age < self.unhealthy_after
+        return healthy, {"status": "healthy" if healthy else "unhealthy", "seconds_since_heartbeat": round(age, 1)}
+
+
+class Waiting:
+    """Alive, and waiting for the metadata database (``dbwait``): a probe passes, because a
+    restarted container would only wait again, later."""
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+
+    def answer(self) -> tuple[bool, dict]:
+        return True, {"status": "waiting for the metadata database",
+                      "seconds_waiting": round(time.monotonic() - self.since, 1)}
 
 
 def request_line(head: bytes) -> tuple[str, str] | None:
@@ -83,7 +97,7 @@ def request_line(head: bytes) -> tuple[str, str] | None:
     return (method, target) if version in ("HTTP/1.0", "HTTP/1.1") else None
 
 
-def response(health: Health, head: bytes) -> bytes:
+def response(health: Health | Waiting, head: bytes) -> bytes:
     """The whole response to a request whose line and headers are ``head``."""
     line = request_line(head)
     if line is None:
@@ -93,9 +107,8 @@ def response(health: Health, head: bytes) -> bytes:
         return _message(405, extra=b"Allow: GET, HEAD\r\n")
     if target.split("?", 1)[0] != PATH:
         return _message(404)
-    healthy, age = health.read()
-    body = json.dumps({"status": "healthy" if healthy else "unhealthy",
-                       "seconds_since_heartbeat": round(age, 1)}).encode()
+    healthy, fields = health.answer()
+    body = json.dumps(fields).encode()
     return _message(200 if healthy else 503, body, b"Content-Type: application/json\r\n", head_only=method == "HEAD")
 
 
@@ -120,7 +133,7 @@ class _Client:
 class HealthServer:
     """The listening socket and its clients, served by one thread from one ``selectors`` loop."""
 
-    def __init__(self, host: str, port: int, health: Health) -> None:
+    def __init__(self, host: str, port: int, health: Health | Waiting) -> None:
         self.health = health
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -136,6 +149,10 @@ class HealthServer:
         self.server_address = self.socket.getsockname()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.socket, selectors.EVENT_READ)
+        #: ``close`` writes here: the loop may be blocked in ``select``, which a close elsewhere won't wake.
+        self._wake, self._waker = socket.socketpair()
+        self._selector.register(self._wake, selectors.EVENT_READ)
+        self._thread: threading.Thread | None = None
         #: Open connections, oldest first (dicts keep insertion order): the oldest goes when full.
         self._clients: dict[socket.socket, _Client] = {}
         # A forked child (executor worker, serve-logs) would keep the listening socket, and with it
@@ -143,7 +160,7 @@ class HealthServer:
         os.register_at_fork(after_in_child=self._close_in_child)
 
     def _close_in_child(self) -> None:
-        for sock in [self.socket, *self._clients]:
+        for sock in [self.socket, self._wake, self._waker, *self._clients]:
             try:
                 sock.close()
             except OSError:
@@ -154,20 +171,35 @@ class HealthServer:
             pass
 
     def start(self) -> None:
-        threads.start_daemon("safe-health", self._serve)
+        self._thread = threads.start_daemon("safe-health", self._serve)
+
+    def close(self, seconds: float = 1.0) -> None:
+        """Stop serving and free the port (within ``seconds``: the loop closes what it holds)."""
+        try:
+            self._waker.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(seconds)
+        self._close_in_child()  # whatever the loop did not close yet; closing twice is harmless
 
     def _serve(self) -> None:
         while True:
             try:
-                self.serve_once()
+                if not self.serve_once():
+                    break
             except (OSError, ValueError):  # the selector or the socket was closed: on the way out
                 return
+        self._close_in_child()
 
-    def serve_once(self) -> None:
-        """Wait for something to do (no longer than the nearest client deadline), and do it."""
+    def serve_once(self) -> bool:
+        """Wait for something to do (no longer than the nearest client deadline), and do it; False
+        once ``close`` asked the loop to end."""
         now = time.monotonic()
         wait = min((c.deadline for c in self._clients.values()), default=now + 3600) - now
         for key, events in self._selector.select(max(0.0, wait)):
+            if key.fileobj is self._wake:
+                return False
             if key.fileobj is self.socket:
                 self._accept()
             else:
@@ -177,6 +209,7 @@ class HealthServer:
         now = time.monotonic()
         for client in [c for c in self._clients.values() if c.deadline <= now]:
             self._close(client)
+        return True
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -245,7 +278,7 @@ class HealthServer:
         client.sock.close()
 
 
-def start(host: str, port: int, health: Health) -> HealthServer:
+def start(host: str, port: int, health: Health | Waiting) -> HealthServer:
     """Bind and serve; ``OSError`` (port taken, bad address) is the caller's to report."""
     server = HealthServer(host, port, health)
     server.start()

@@ -17,7 +17,8 @@ import subprocess
 import traceback
 import warnings
 
-from safe_scheduler import __version__, components, exitcodes
+from safe_scheduler import __version__, components, dbwait, exitcodes
+from safe_scheduler.dbwait import DatabaseUnreachable
 from safe_scheduler.component import Component
 from safe_scheduler.settings import SECTION, Settings, UsageError, health_port_key
 
@@ -25,6 +26,16 @@ log = logging.getLogger("safe_scheduler.preflight")
 
 #: Seconds to wait for the metadata database to accept a connection before giving up.
 DB_CONNECT_TIMEOUT = 10
+#: What drivers say when nobody answers, as opposed to a database that answers "no" (bad
+#: credentials, no such database): waiting helps with the first, never with the second.
+UNREACHABLE = (
+    "connection refused", "timeout expired", "timed out", "could not translate host name",
+    "name or service not known", "temporary failure in name resolution", "no route to host",
+    "network is unreachable", "the database system is starting up", "the database system is shutting down",
+    "the database system is in recovery mode", "server closed the connection unexpectedly",
+    "connection reset by peer", "can't connect to mysql server", "lost connection to mysql server",
+    "unknown mysql server host",
+)
 
 
 def prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace, Settings]:
@@ -71,12 +82,17 @@ def _prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace,
         raise UsageError(f"--dev (hot reload) is for development; use 'airflow {component.name} --dev' for that")
     config = settings.load(flags.overrides(args), conf, component)
     component.check(args)
-    check_metadata_db(conf)
     for server in component.servers(args):
         check_port_free(server.host, server.port, server.key)
     if config.enable_health_check:
         key = f"[{SECTION}] {health_port_key(component.name)}"
         check_port_free(config.health_check_server_host, config.health_check_server_port, key)
+    try:
+        check_metadata_db(conf)
+    except DatabaseUnreachable as unreachable:
+        if not config.db_wait_timeout:
+            raise
+        dbwait.wait(lambda: check_metadata_db(conf), config, str(unreachable))
     return component, args, config
 
 
@@ -128,8 +144,10 @@ def _db_state(url) -> str:
         with engine.connect() as connection:
             tables = set(inspect(connection).get_table_names())
     except Exception as exc:  # noqa: BLE001 - every driver raises its own type
-        first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot connect to the metadata database {_redacted(url)}: {first_line}") from None
+        text = str(getattr(exc, "orig", exc)).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        refusal = DatabaseUnreachable if any(words in text.lower() for words in UNREACHABLE) else UsageError
+        raise refusal(f"cannot connect to the metadata database {_redacted(url)}: {first_line}") from None
     finally:
         engine.dispose()
     return "ready" if {"alembic_version", "job"} <= tables else "empty"

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, float | None] = {
     "stall_timeout": None,
     "task_drain_timeout": 0.0,
     "task_cleanup_timeout": None,
+    "db_wait_timeout": 600.0,
 }
 #: A scheduler is unhealthy after ``[scheduler] scheduler_health_check_threshold`` seconds without
 #: a heartbeat; it is declared hung after twice that, so a slow loop a probe tolerates is not killed.
@@ -47,6 +48,11 @@ class Settings:
     task_drain_timeout: float = 0.0
     #: Seconds tasks get between SIGTERM and SIGKILL for ``on_kill`` / ``on_termination``.
     task_cleanup_timeout: float = 0.0
+    #: Seconds to wait at start for a metadata database that does not answer (``dbwait``); 0: refuse
+    #: at once. 600: the kubelet forgets a container's restart back-off once its run and the wait
+    #: before it add up to more than 10 minutes (twice its 300 s maximum), so a pod that waits this
+    #: long through an outage is, at worst, started again 10 s later, never 300 s.
+    db_wait_timeout: float = 600.0
     #: Our liveness endpoint (``healthserver``): on or off, where it binds, and after how many
     #: seconds without a heartbeat it answers 503 (the stall timeout, else twice Airflow's threshold).
     enable_health_check: bool = True

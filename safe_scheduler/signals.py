@@ -43,6 +43,10 @@ class SignalListener:
         os.register_at_fork(after_in_child=self._forget_in_child)
         threads.start_daemon("safe-signals", self._listen, reader)
 
+    def stop(self) -> None:
+        """Stop listening (from the main thread): the wakeup fd goes back to what it was."""
+        self._forget_in_child()
+
     def _forget_in_child(self) -> None:
         # A forked child inherits the wakeup fd: its signals would start *our* shutdown.
         if self._sockets is not None:

@@ -1,7 +1,8 @@
 """sd_notify for ``Type=notify`` units, without a dependency: one datagram per message.
 
 READY=1 once the scheduler has heartbeated, WATCHDOG=1 on successful heartbeats (at most twice per
-``WatchdogSec``), STOPPING=1 when shutdown starts. With no ``NOTIFY_SOCKET`` every call is a no-op.
+``WatchdogSec``), STOPPING=1 when shutdown starts; while it waits for its database at start, a
+status and an extension of the start timeout. With no ``NOTIFY_SOCKET`` every call is a no-op.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import socket
 import time
 
 log = logging.getLogger("safe_scheduler.systemd")
+
+#: Seconds each "still waiting" extends systemd's start timeout by; sent every poll (1 s).
+WAITING_EXTENSION = 10.0
 
 
 class Notifier:
@@ -60,6 +64,14 @@ class Notifier:
         if self.watchdog_interval is not None and now - self._last_watchdog >= min(self.watchdog_interval, 1.0):
             self._last_watchdog = now
             self.send("WATCHDOG=1")
+
+    def waiting(self, status: str) -> None:
+        """Alive and waiting (for the metadata database), not ready: neither the start timeout nor
+        the watchdog may end us for it (``EXTEND_TIMEOUT_USEC`` needs systemd 236 or newer)."""
+        if self.address is None:
+            return
+        watchdog = "\nWATCHDOG=1" if self.watchdog_interval is not None else ""
+        self.send(f"STATUS={status}\nEXTEND_TIMEOUT_USEC={int(WAITING_EXTENSION * 1e6)}{watchdog}")
 
     def stopping(self, reason: str) -> None:
         self.send(f"STOPPING=1\nSTATUS=Shutting down: {reason}")

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_quick_mode_writes_its_report_and_chart(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-overhead", "--tasks", "--scenarios", "SIGKILL",
-         "--components", "scheduler", "triggerer", "--limit", "20", "--no-probes", "--no-celery", "--no-flood", "--start-methods",
+         "--components", "scheduler", "triggerer", "--limit", "20", "--no-probes", "--no-celery", "--no-flood", "--outages", "--start-methods",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )

@@ -99,3 +99,13 @@ def wait_parsing(proc) -> None:
     # Any process below the job process: the dag-processor has no servers, so it parses.
     wait_for(proc.below_job, 120, interval=0.5,
              message="a DAG-file parsing process")
+
+
+def started_after(postgres, name: str, since: float) -> float | None:
+    """Wall-clock time at which a job of component ``name`` first started after ``since`` (a
+    ``time.time()``): its job row's ``start_date``, its first heartbeat. None while there is none."""
+    found = postgres.execute(
+        f"SELECT min(extract(epoch FROM start_date)) FROM job WHERE job_type = '{JOB_TYPE[name]}'"
+        f" AND start_date > to_timestamp({since})"
+    )[0][0]
+    return None if found is None else float(found)

@@ -1,0 +1,108 @@
+"""Waiting at start for a metadata database that does not answer, alive and saying so.
+
+Exiting on a lost database is right, and the job does (exit 1). What comes after decides how long
+users wait once the database is back. Every exit is a restart: the kubelet's back-off grows from
+10 s to 300 s and forgets only after 10 minutes, supervisord's by a second per try, and systemd's
+start limit can give up for good. So after an outage of a few minutes every pod sits in back-off,
+and comes back anywhere from 0 to 300 s after the database does.
+
+So a process that finds its database unreachable at start (refused, timed out, a name that does not
+resolve, a server starting up: ``DatabaseUnreachable``, as ``preflight`` tells them apart) waits for
+it instead, asking once a second, for up to ``db_wait_timeout`` seconds, and starts the moment it
+answers. Meanwhile:
+
+* the liveness endpoint answers 200 ``{"status": "waiting for the metadata database", …}``: a
+  restarted container would only wait again, later;
+* under systemd it says so, and extends the start timeout and feeds the watchdog;
+* SIGTERM or SIGINT ends it at once, exit 0 (nothing has started yet);
+* one log line when the wait begins, one a minute while it lasts, one when it ends.
+
+A database that answers but is wrong (bad credentials, no such database, not migrated, a bad URL)
+is still refused at once, and so is a wait that runs out: one line, exit 2, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from safe_scheduler import exitcodes, healthserver, output, signals, systemd
+from safe_scheduler.settings import SECTION, Settings, UsageError
+
+log = logging.getLogger("safe_scheduler.dbwait")
+
+#: Seconds between two tries: the start comes at most this long after the database is back.
+POLL = 1.0
+#: Seconds between two "still waiting" lines.
+LOG_EVERY = 60.0
+
+
+class DatabaseUnreachable(UsageError):
+    """The metadata database does not answer: refused, timed out, a name that does not resolve, a
+    server starting or shutting down (a failover, a restart). Raised by ``preflight``; waited for here."""
+
+
+def wait(check: Callable[[], None], settings: Settings, why: str) -> None:
+    """Return once ``check`` passes; raise UsageError if the database answers wrong or the wait runs
+    out; exit 0 on SIGTERM/SIGINT. ``check`` raises ``DatabaseUnreachable`` while nobody answers."""
+    started = time.monotonic()
+    timeout = settings.db_wait_timeout
+    notifier = systemd.Notifier()
+    log.warning("The metadata database does not answer (%s); waiting up to %gs for it ([%s] db_wait_timeout), "
+                "asking every %gs", why, timeout, SECTION, POLL)
+    # A Python handler, so that the signal reaches the listener's wakeup fd at all (the default
+    # action would end the process before); the listener acts on it, even while the main thread
+    # waits in the driver's connect.
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in signals.SHUTDOWN_SIGNALS}
+    listener = signals.SignalListener(_stop)
+    listener.start()
+    endpoint = _serve_waiting(settings, started)
+    try:
+        next_line = started + LOG_EVERY
+        while True:
+            notifier.waiting(f"Waiting for the metadata database ({time.monotonic() - started:.0f}s)")
+            try:
+                check()
+            except DatabaseUnreachable as exc:
+                why = str(exc)
+            else:
+                log.warning("The metadata database answers again after %.1fs; starting", time.monotonic() - started)
+                return
+            waited = time.monotonic() - started
+            if waited >= timeout:
+                raise UsageError(f"the metadata database did not answer for {timeout:g}s "
+                                 f"([{SECTION}] db_wait_timeout); last: {why}")
+            if time.monotonic() >= next_line:
+                log.warning("Still waiting for the metadata database after %.0fs (%s)", waited, why)
+                next_line += LOG_EVERY
+            threading.Event().wait(max(0.0, min(POLL, started + timeout - time.monotonic())))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        listener.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_waiting(settings: Settings, since: float) -> healthserver.HealthServer | None:
+    """The liveness endpoint, answering "waiting" (its port was checked free just before)."""
+    if not settings.enable_health_check:
+        return None
+    try:
+        return healthserver.start(settings.health_check_server_host, settings.health_check_server_port,
+                                  healthserver.Waiting(since))
+    except OSError as exc:  # taken since the check (a race): the wait goes on without it
+        log.warning("No liveness endpoint while waiting: %s", exc.strerror or exc)
+        return None
+
+
+def _stop(name: str) -> None:
+    """SIGTERM or SIGINT while waiting, heard by the listener's thread (the main thread may be in the
+    driver's connect): nothing has started, so leave at once, with 0 as for any signalled stop."""
+    output.bounded(output.SAY_GRACE, log.warning, "%s while waiting for the metadata database; exiting", name)
+    output.flush_logs()
+    os._exit(exitcodes.OK)
