@@ -21,7 +21,10 @@ scanner, a misconfigured scraper). So the thread serves every connection at once
   is new, an idle or trickling client old);
 * at most ``MAX_REQUEST`` bytes of request line and headers (431 past that);
 * at most ``REQUEST_TIMEOUT`` seconds from accept to a whole request (closed past that);
-* one request per connection, answered and closed (``Connection: close``).
+* one request per connection, answered and closed (``Connection: close``);
+* at most one wake-up every ``WAKE_EVERY`` seconds, serving whatever is pending at once: each
+  wake-up takes the GIL from the job's main thread, and a flood must not make it hand the GIL over
+  on every request.
 
 Malformed requests (garbage, an HTTP/0.9 line, a method other than GET or HEAD) get a 4xx and are
 closed; nothing is logged for them (stderr can be a full pipe) and nothing is raised. The answer
@@ -52,7 +55,11 @@ MAX_REQUEST = 4096
 #: Seconds from accept to a whole request: a probe sends it at once, a slow client loses its slot.
 REQUEST_TIMEOUT = 2.0
 #: Connections taken from the listen queue per wake-up, so that a flood cannot starve the others.
-ACCEPT_BATCH = 32
+ACCEPT_BATCH = 64
+#: Seconds between two wake-ups at the least. Each wake-up takes the GIL from the job's main
+#: thread; a flood would otherwise make it hand the GIL over on every request. Batched, a flood
+#: costs at most 1 / WAKE_EVERY hand-overs a second, and a probe waits at most this long.
+WAKE_EVERY = 0.02
 #: The kernel's queue of connections not yet accepted. While this thread waits for the GIL or a
 #: core, a burst of connections must not overflow it: the kernel would drop the probe's handshake,
 #: and the client would only try again after a second.
@@ -185,11 +192,13 @@ class HealthServer:
 
     def _serve(self) -> None:
         while True:
+            began = time.monotonic()
             try:
                 if not self.serve_once():
                     break
             except (OSError, ValueError):  # the selector or the socket was closed: on the way out
                 return
+            time.sleep(max(0.0, began + WAKE_EVERY - time.monotonic()))
         self._close_in_child()
 
     def serve_once(self) -> bool:
