@@ -18,7 +18,7 @@ pytestmark = pytest.mark.all_versions
 
 OUR_FLAGS = {
     "--shutdown-timeout", "--child-stop-timeout", "--stall-timeout", "--task-drain-timeout",
-    "--task-cleanup-timeout", "--version",
+    "--task-cleanup-timeout", "--db-wait-timeout", "--version",
 }
 
 
@@ -146,14 +146,17 @@ def test_dag_processor_refuses_what_stock_refuses(postgres, tmp_path):
         ([], {"AIRFLOW__SAFE_SCHEDULER__TASK_DRAIN_TIMEOUT": "-1"}, "[safe_scheduler] task_drain_timeout"),
         (["--num-runs", "oops"], {}, "invalid int value"),
         ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": ""}, "no metadata database configured"),
-        ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow@127.0.0.1:9/airflow"},
+        # Not answering is waited for (tests/test_dbwait.py), unless the wait is turned off.
+        (["--db-wait-timeout", "0"],
+         {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow@127.0.0.1:9/airflow"},
          "cannot connect to the metadata database"),
+        (["--db-wait-timeout", "-5"], {}, "--db-wait-timeout must be zero or more"),
     ],
     ids=[
         "unknown-flag", "negative-timeout", "non-numeric-timeout", "nan-timeout", "negative-child-timeout",
         "child-above-shutdown", "bad-env-shutdown", "bad-env-child", "tasks-above-shutdown",
         "bad-env-drain", "bad-num-runs",
-        "no-db", "db-unreachable",
+        "no-db", "db-unreachable-no-wait", "negative-db-wait",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(home, args, env, expect):

@@ -78,24 +78,25 @@ class Restarted:
     def __init__(self, start: Callable[[], SchedulerProcess], policy: Kubelet | Supervisord | Systemd) -> None:
         self.start = start
         self.policy = policy
-        #: Every incarnation, with its exit code once it has one.
-        self.runs: list[SchedulerProcess] = []
         self._stop = threading.Event()
+        #: Every incarnation, the first one started before this returns.
+        self.runs: list[SchedulerProcess] = [start()]
+        self._began = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            proc = self.start()
-            self.runs.append(proc)
+        while True:
+            proc = self.runs[-1]
             while proc.popen.poll() is None:
                 if self._stop.wait(0.05):
                     return
             finished = time.monotonic()
-            delay = self.policy.next_delay(finished - began, finished, proc.popen.returncode)
+            delay = self.policy.next_delay(finished - self._began, finished, proc.popen.returncode)
             if delay is None or self._stop.wait(delay):
                 return
+            self._began = time.monotonic()
+            self.runs.append(self.start())
 
     @property
     def current(self) -> SchedulerProcess:
