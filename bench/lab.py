@@ -85,12 +85,12 @@ def fmt(value: float | None, limit: float) -> str:
     return f"never (> {limit:g} s)" if value is None else f"{value:.1f}"
 
 
-def interleaved(reps: int, measure, label: str) -> dict[str, list]:
-    """``measure(stock)`` ``reps`` times for stock and safe, in turn, so that drift hits both alike."""
-    runs: dict[str, list] = {"stock": [], "safe": []}
+def interleaved(reps: int, measure, label: str, kinds: tuple[str, ...] = ("stock", "safe")) -> dict[str, list]:
+    """``measure(kind)`` ``reps`` times for each kind, in turn, so that drift hits every kind alike."""
+    runs: dict[str, list] = {kind: [] for kind in kinds}
     for rep in range(reps):
-        for kind in ("stock", "safe"):
-            result = measure(kind == "stock")
+        for kind in kinds:
+            result = measure(kind)
             runs[kind].append(result)
             print(f"{label} [{kind} {rep + 1}/{reps}]: {result}", flush=True)
     return runs

@@ -164,9 +164,9 @@ class HealthServer:
         self._clients: dict[socket.socket, _Client] = {}
         # A forked child (executor worker, serve-logs) would keep the listening socket, and with it
         # the port, after this process is gone (as serve-logs' leftovers do, #40726).
-        os.register_at_fork(after_in_child=self._close_in_child)
+        os.register_at_fork(after_in_child=self._close_all)
 
-    def _close_in_child(self) -> None:
+    def _close_all(self) -> None:
         for sock in [self.socket, self._wake, self._waker, *self._clients]:
             try:
                 sock.close()
@@ -188,7 +188,7 @@ class HealthServer:
             pass
         if self._thread is not None:
             self._thread.join(seconds)
-        self._close_in_child()  # whatever the loop did not close yet; closing twice is harmless
+        self._close_all()  # whatever the loop had not closed yet (closing twice is harmless)
 
     def _serve(self) -> None:
         while True:
@@ -199,7 +199,7 @@ class HealthServer:
             except (OSError, ValueError):  # the selector or the socket was closed: on the way out
                 return
             time.sleep(max(0.0, began + WAKE_EVERY - time.monotonic()))
-        self._close_in_child()
+        self._close_all()
 
     def serve_once(self) -> bool:
         """Wait for something to do (no longer than the nearest client deadline), and do it; False

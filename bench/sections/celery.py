@@ -93,7 +93,7 @@ def _worker_log_after(log: Path, since: float, needle: str) -> float | None:
 
 def measure(lab: Lab, args) -> dict:
     warmup, window, outage = (10, 30, 15) if args.quick else (20, 60, 20)
-    return interleaved(args.reps, lambda stock: celery(lab, stock, warmup, window, outage), "celery")
+    return interleaved(args.reps, lambda kind: celery(lab, kind == "stock", warmup, window, outage), "celery")
 
 
 def table(celery: dict, args) -> list[str]:

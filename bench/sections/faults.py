@@ -59,7 +59,7 @@ def measure(lab: Lab, args) -> dict:
         for scenario in args.scenarios or SCENARIOS:
             name = scenario if component == "scheduler" else f"{component}: {scenario}"
             faults[name] = interleaved(
-                args.reps, lambda stock: fault_to_exit(lab, scenario, stock, args.limit, component), name)
+                args.reps, lambda kind: fault_to_exit(lab, scenario, kind == "stock", args.limit, component), name)
     return faults
 
 

@@ -19,7 +19,7 @@ import psutil
 
 from harness.deployment import Deployment
 from harness.procs import threads_of
-from lab import Lab
+from lab import Lab, interleaved
 from sections.overhead import throughput
 
 #: The flood: one connection per request, each read until its status line, at a fixed rate; a
@@ -88,14 +88,12 @@ def flooded(rate: float, control: bool):
 
 def measure(lab: Lab, args) -> dict:
     dags, tasks, warmup, window = (10, 5, 5, 20) if args.quick else (50, 20, 15, 60)
-    runs: dict[str, list] = {"quiet": [], "control": [], "flood": []}
-    for rep in range(args.reps):
-        for kind in runs:  # interleaved, so drift hits all three alike
-            hook = None if kind == "quiet" else flooded(args.flood_rate, control=kind == "control")
-            result = throughput(lab, False, dags, tasks, warmup, window, during=hook)
-            runs[kind].append(result)
-            print(f"endpoint flood [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
-    return runs
+
+    def run(kind: str) -> dict:
+        hook = None if kind == "quiet" else flooded(args.flood_rate, control=kind == "control")
+        return throughput(lab, False, dags, tasks, warmup, window, during=hook)
+
+    return interleaved(args.reps, run, "endpoint flood", kinds=("quiet", "control", "flood"))
 
 
 def table(runs: dict, args) -> list[str]:

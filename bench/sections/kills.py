@@ -7,12 +7,13 @@ import time
 
 from harness.components import started_component, wait_parsing, with_parsing_process
 from harness.faults import kill, running_tasks, with_running_tasks
-from lab import Lab, cmdline, safe_args
+from lab import Lab, cmdline, interleaved, safe_args
 
 #: multiprocessing's start methods; 2.x reads ``[core] mp_start_method`` only for its DAG processor.
 START_METHODS = ("fork", "forkserver", "spawn")
-#: Each column: (label, stock, what is killed: ``harness.faults.kill``'s target).
-KINDS = (("stock", True, "top"), ("safe top", False, "top"), ("safe job", False, "job"), ("safe both", False, "both"))
+#: Each column: what is killed (``harness.faults.kill``'s target), and whether it is stock.
+TARGETS = {"stock": ("top", True), "safe top": ("top", False), "safe job": ("job", False),
+           "safe both": ("both", False)}
 
 
 def kill_by_method(lab: Lab, component: str, method: str, target: str, stock: bool, wait: float) -> dict:
@@ -49,12 +50,9 @@ def measure(lab: Lab, args) -> dict:
     kills: dict = {}
     for component in args.components:
         for method in args.start_methods:
-            runs = kills[(component, method)] = {kind: [] for kind, _, _ in KINDS}
-            for rep in range(args.reps):
-                for kind, stock, target in KINDS:
-                    result = kill_by_method(lab, component, method, target, stock, args.kill_wait)
-                    runs[kind].append(result)
-                    print(f"kill -9, {component}, {method} [{kind} {rep + 1}/{args.reps}]: {result}", flush=True)
+            kills[(component, method)] = interleaved(
+                args.reps, lambda kind: kill_by_method(lab, component, method, *TARGETS[kind], args.kill_wait),
+                f"kill -9, {component}, {method}", kinds=tuple(TARGETS))
     return kills
 
 
@@ -77,7 +75,7 @@ def table(kills: dict, args) -> list[str]:
         return f"{worst['left']} of {worst['seen']}{gone}"
 
     for (component, method), runs in kills.items():
-        lines.append(f"| {component} | {method} | " + " | ".join(cell(runs[kind]) for kind, _, _ in KINDS) + " |")
+        lines.append(f"| {component} | {method} | " + " | ".join(cell(runs[kind]) for kind in TARGETS) + " |")
     left = sorted({name for runs in kills.values() for r in runs["stock"] for name in r["left_names"]})
     if left:
         lines += ["", "What stock left (command lines, first 60 characters): " + "; ".join(f"`{n}`" for n in left)]

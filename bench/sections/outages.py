@@ -10,7 +10,7 @@ import time
 from harness.components import heartbeating, prepare, started_after
 from harness.procs import wait_for
 from harness.restarts import POLICIES, Kubelet, Restarted
-from lab import Lab, safe_args
+from lab import Lab, interleaved, safe_args
 
 #: Seconds after the return by which every component must have started: the kubelet's longest
 #: back-off, one crash, and the start itself.
@@ -67,10 +67,9 @@ def measure(lab: Lab, args) -> dict:
         # The kubelet runs all three components; supervisord and systemd, as the examples, the scheduler.
         components = list(args.components) if policy == "kubelet" else ["scheduler"]
         for seconds in args.outages:
-            for rep in range(args.reps):
-                result = outage(lab, policy, seconds, components)
-                results.setdefault(f"{policy}, {seconds:g} s outage", []).append(result)
-                print(f"outage, {policy}, {seconds:g} s [{rep + 1}/{args.reps}]: {result}", flush=True)
+            results[f"{policy}, {seconds:g} s outage"] = interleaved(
+                args.reps, lambda _: outage(lab, policy, seconds, components), f"outage, {policy}, {seconds:g} s",
+                kinds=("stock and safe",))["stock and safe"]
     return results
 
 

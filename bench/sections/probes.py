@@ -16,7 +16,7 @@ from harness.chart import container, render
 from harness.components import heartbeating, prepare
 from harness.deployment import PYTHON, health_ports
 from harness.procs import threads_of, wait_for
-from lab import COMPONENTS, Lab
+from lab import COMPONENTS, Lab, interleaved
 
 #: The chart's liveness probe period for the three components (values.yaml: periodSeconds 60).
 PROBES_PER_HOUR = 3600 / 60
@@ -102,10 +102,8 @@ def measure(lab: Lab, args) -> dict:
     probes: dict = {}
     cli_runs, curl_runs = (3, 100) if args.quick else (10, 300)
     for component in COMPONENTS:
-        for rep in range(args.reps):
-            result = probe_cost(lab, component, cli_runs, curl_runs, 1000)
-            probes.setdefault(component, []).append(result)
-            print(f"probe cost, {component} [{rep + 1}/{args.reps}]: {result}", flush=True)
+        probes[component] = interleaved(args.reps, lambda _: probe_cost(lab, component, cli_runs, curl_runs, 1000),
+                                        f"probe cost, {component}", kinds=("safe",))["safe"]
     return probes
 
 

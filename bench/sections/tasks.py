@@ -45,7 +45,7 @@ def measure(lab: Lab, args) -> dict:
         for fault, label in (("stop", "DB stopped"), ("sigterm", "SIGTERM")):
             name = f"{label}, {tasks} task(s) running"
             stops[name] = interleaved(
-                args.reps, lambda stock: stop_with_tasks(lab, tasks, fault, stock, args.limit), name)
+                args.reps, lambda kind: stop_with_tasks(lab, tasks, fault, kind == "stock", args.limit), name)
     return stops
 
 
