@@ -224,7 +224,12 @@ class SchedulerProcess:
                 raise AssertionError(f"scheduler exited early with {self.popen.returncode}:\n{self.log()[-4000:]}")
             return self.health_status() == 200
 
-        wait_for(healthy, timeout, interval=0.3, message="the scheduler to report healthy")
+        try:
+            wait_for(healthy, timeout, interval=0.3, message="the scheduler to report healthy")
+        except AssertionError as exc:
+            if "timed out" not in str(exc):
+                raise
+            raise AssertionError(f"{exc}; its log ends:\n{self.log()[-4000:]}") from None
 
     def wait_exit(self, timeout: float) -> int | None:
         """The exit code, or None if the process is still alive after ``timeout``."""
