@@ -42,7 +42,8 @@ def main(argv: list[str], name: str = "scheduler") -> NoReturn:
         result["code"] = runner.run(component, args, settings, parent)
 
     try:
-        compat.run_with_daemon_option(args, compat.with_providers_configuration(job), name)
+        compat.run_with_daemon_option(args, compat.with_providers_configuration(job), component.daemon_name,
+                                      **component.daemon_options(args))
     except BaseException as exc:  # noqa: BLE001 - e.g. "already running" from the daemon pidfile
         if "code" not in result:
             result["code"] = shutdown.code_of(exc)

@@ -34,9 +34,9 @@ def cli_command(name: str = "scheduler") -> Any:
     raise RuntimeError(f"the installed Airflow has no '{name}' command")
 
 
-def add_airflow_args(parser: argparse.ArgumentParser, name: str = "scheduler") -> None:
-    """Add the installed ``airflow <name>`` flags to ``parser``, in Airflow's order (sorted)."""
-    args = sorted(cli_command(name).args, key=lambda a: (a.flags[-1].lstrip("-").lower()))
+def add_airflow_args(parser: argparse.ArgumentParser, command: Any) -> None:
+    """Add the flags of ``command`` (an ``ActionCommand``) to ``parser``, in Airflow's order (sorted)."""
+    args = sorted(command.args, key=lambda a: (a.flags[-1].lstrip("-").lower()))
     for arg in args:
         kwargs = dict(arg.kwargs)
         if "help" in kwargs and kwargs["help"] is not None:
@@ -68,9 +68,10 @@ def with_providers_configuration(func: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def run_with_daemon_option(
-    args: argparse.Namespace, callback: Callable[[], None], process_name: str = "scheduler"
+    args: argparse.Namespace, callback: Callable[[], None], process_name: str = "scheduler", **options: Any
 ) -> None:
-    """Run ``callback`` in this process or daemonised, exactly as ``airflow <process_name>`` does."""
+    """Run ``callback`` in this process or daemonised, exactly as ``airflow <process_name>`` does
+    (``options``: the worker's ``umask`` and ``pid_file``)."""
     try:
         from airflow.cli.commands.daemon_utils import run_command_with_daemon_option
     except ImportError:
@@ -81,7 +82,7 @@ def run_with_daemon_option(
         _run_with_daemon_option_inline(args, callback, process_name)
         return
     run_command_with_daemon_option(
-        args=args, process_name=process_name, callback=callback, should_setup_logging=True
+        args=args, process_name=process_name, callback=callback, should_setup_logging=True, **options
     )
 
 

@@ -1,4 +1,4 @@
-"""Waiting at start for a metadata database that does not answer, alive and saying so.
+"""Waiting at start for a metadata database (or a Celery broker) that does not answer, alive and saying so.
 
 Exiting on a lost database is right, and the job does (exit 1). What comes after decides how long
 users wait once the database is back. Every exit is a restart: the kubelet's back-off grows from
@@ -19,6 +19,9 @@ answers. Meanwhile:
 
 A database that answers but is wrong (bad credentials, no such database, not migrated, a bad URL)
 is still refused at once, and so is a wait that runs out: one line, exit 2, as before.
+
+The Celery worker waits the same way for its broker (Redis), within the same ``db_wait_timeout``:
+an outage of the broker is the same restart storm for every worker pod.
 """
 
 from __future__ import annotations
@@ -41,43 +44,52 @@ POLL = 1.0
 LOG_EVERY = 60.0
 
 
-class DatabaseUnreachable(UsageError):
-    """The metadata database does not answer: refused, timed out, a name that does not resolve, a
+class Unreachable(UsageError):
+    """A service the job needs does not answer: refused, timed out, a name that does not resolve, a
     server starting or shutting down (a failover, a restart). Raised by ``preflight``; waited for here."""
 
 
-def wait(check: Callable[[], None], settings: Settings, why: str) -> None:
-    """Return once ``check`` passes; raise UsageError if the database answers wrong or the wait runs
-    out; exit 0 on SIGTERM/SIGINT. ``check`` raises ``DatabaseUnreachable`` while nobody answers."""
+class DatabaseUnreachable(Unreachable):
+    """The metadata database does not answer."""
+
+
+class BrokerUnreachable(Unreachable):
+    """The Celery broker does not answer."""
+
+
+def wait(check: Callable[[], None], settings: Settings, why: str, what: str = "the metadata database") -> None:
+    """Return once ``check`` passes; raise UsageError if ``what`` answers wrong or the wait runs out;
+    exit 0 on SIGTERM/SIGINT. ``check`` raises ``Unreachable`` while nobody answers."""
     started = time.monotonic()
     timeout = settings.db_wait_timeout
     notifier = systemd.Notifier()
-    log.warning("The metadata database does not answer (%s); waiting up to %gs for it ([%s] db_wait_timeout), "
-                "asking every %gs", why, timeout, SECTION, POLL)
+    log.warning("%s does not answer (%s); waiting up to %gs for it ([%s] db_wait_timeout), asking every %gs",
+                what[0].upper() + what[1:], why, timeout, SECTION, POLL)
     # A Python handler, so that the signal reaches the listener's wakeup fd at all (the default
     # action would end the process before); the listener acts on it, even while the main thread
     # waits in the driver's connect.
     previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in signals.SHUTDOWN_SIGNALS}
-    listener = signals.SignalListener(_stop)
+    listener = signals.SignalListener(lambda name: _stop(name, what))
     listener.start()
-    endpoint = _serve_waiting(settings, started)
+    endpoint = _serve_waiting(settings, started, what)
     try:
         next_line = started + LOG_EVERY
         while True:
-            notifier.waiting(f"Waiting for the metadata database ({time.monotonic() - started:.0f}s)")
+            notifier.waiting(f"Waiting for {what} ({time.monotonic() - started:.0f}s)")
             try:
                 check()
-            except DatabaseUnreachable as exc:
+            except Unreachable as exc:
                 why = str(exc)
             else:
-                log.warning("The metadata database answers again after %.1fs; starting", time.monotonic() - started)
+                log.warning("%s answers again after %.1fs; starting", what[0].upper() + what[1:],
+                            time.monotonic() - started)
                 return
             waited = time.monotonic() - started
             if waited >= timeout:
-                raise UsageError(f"the metadata database did not answer for {timeout:g}s "
+                raise UsageError(f"{what} did not answer for {timeout:g}s "
                                  f"([{SECTION}] db_wait_timeout); last: {why}")
             if time.monotonic() >= next_line:
-                log.warning("Still waiting for the metadata database after %.0fs (%s)", waited, why)
+                log.warning("Still waiting for %s after %.0fs (%s)", what, waited, why)
                 next_line += LOG_EVERY
             threading.Event().wait(max(0.0, min(POLL, started + timeout - time.monotonic())))
     finally:
@@ -88,21 +100,21 @@ def wait(check: Callable[[], None], settings: Settings, why: str) -> None:
             signal.signal(sig, handler)
 
 
-def _serve_waiting(settings: Settings, since: float) -> healthserver.HealthServer | None:
+def _serve_waiting(settings: Settings, since: float, what: str) -> healthserver.HealthServer | None:
     """The liveness endpoint, answering "waiting" (its port was checked free just before)."""
     if not settings.enable_health_check:
         return None
     try:
         return healthserver.start(settings.health_check_server_host, settings.health_check_server_port,
-                                  healthserver.Waiting(since))
+                                  healthserver.Waiting(since, what))
     except OSError as exc:  # taken since the check (a race): the wait goes on without it
         log.warning("No liveness endpoint while waiting: %s", exc.strerror or exc)
         return None
 
 
-def _stop(name: str) -> None:
+def _stop(name: str, what: str) -> None:
     """SIGTERM or SIGINT while waiting, heard by the listener's thread (the main thread may be in the
     driver's connect): nothing has started, so leave at once, with 0 as for any signalled stop."""
-    output.bounded(output.SAY_GRACE, log.warning, "%s while waiting for the metadata database; exiting", name)
+    output.bounded(output.SAY_GRACE, log.warning, "%s while waiting for %s; exiting", name, what)
     output.flush_logs()
     os._exit(exitcodes.OK)

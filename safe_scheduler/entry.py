@@ -35,6 +35,10 @@ def dag_processor() -> NoReturn:
     _main("dag-processor")
 
 
+def celery_worker() -> NoReturn:
+    _main("celery-worker")
+
+
 if __name__ == "__main__":  # python -m safe_scheduler.entry <component> [flags]: how the parent runs the job
     name = sys.argv.pop(1)
     _main(name)

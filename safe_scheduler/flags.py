@@ -8,7 +8,7 @@ from typing import NoReturn
 
 from safe_scheduler import compat
 from safe_scheduler.component import Component
-from safe_scheduler.settings import UsageError
+from safe_scheduler.settings import DEFAULTS, UsageError
 
 PROG = "airflow-safe-scheduler"
 
@@ -31,20 +31,21 @@ def build_parser(component: Component) -> argparse.ArgumentParser:
         epilog=(
             "Settings also come from Airflow's config, section [safe_scheduler]\n"
             "(env vars AIRFLOW__SAFE_SCHEDULER__*), shared by the safe scheduler,\n"
-            "triggerer and dag-processor.\n\n"
+            "triggerer, dag-processor and celery-worker.\n\n"
             f"Exit codes: 0 clean stop, 1 {name} failed, 2 refused to start,\n"
-            "3 forced exit after --shutdown-timeout, 4 hung (no heartbeat for --stall-timeout).\n\n"
+            f"3 forced exit after --shutdown-timeout, 4 hung (no {component.progress}\n"
+            "for --stall-timeout).\n\n"
             f"'{PROG} doctor' checks whether the installed Airflow needs one of our patches.\n\n"
-            + (compat.cli_command(name).epilog or "").replace(f"airflow {name}", component.prog)
+            + (component.airflow_command().epilog or "").replace(component.stock, component.prog)
         ),
     )
-    compat.add_airflow_args(parser, name)
+    compat.add_airflow_args(parser, component.airflow_command())
     ours = parser.add_argument_group(f"safe {name} options")
     ours.add_argument(
         "--shutdown-timeout",
         metavar="SECONDS",
         help="Seconds from the start of shutdown (failure, signal, end of run) until the process is "
-        "forced to exit. Default: [safe_scheduler] shutdown_timeout, 30.",
+        f"forced to exit. Default: [safe_scheduler] shutdown_timeout, {_default(component, 'shutdown_timeout')}.",
     )
     ours.add_argument(
         "--child-stop-timeout",
@@ -52,32 +53,41 @@ def build_parser(component: Component) -> argparse.ArgumentParser:
         help="Seconds a child process gets between SIGTERM and SIGKILL of its process tree. "
         "Default: [safe_scheduler] child_stop_timeout, 5.",
     )
+    if component.health_threshold is not None:
+        stall_default = "twice [{}] {}".format(*component.health_threshold)
+    else:
+        stall_default = f"{component.defaults['stall_timeout']:g}"
     ours.add_argument(
         "--stall-timeout",
         metavar="SECONDS",
-        help=f"Seconds without a successful heartbeat after which the {name} counts as hung and "
-        "exits (code 4); 0 disables. Default: [safe_scheduler] stall_timeout, else twice "
-        f"[{component.health_threshold[0]}] {component.health_threshold[1]}.",
+        help=f"Seconds without any {component.progress} after which the {name} counts as hung and "
+        f"exits (code 4); 0 disables. Default: [safe_scheduler] stall_timeout, else {stall_default}.",
     )
     ours.add_argument(
         "--db-wait-timeout",
         metavar="SECONDS",
-        help="Seconds to wait at start for a metadata database that does not answer (refused, timed "
+        help="Seconds to wait at start for a metadata database "
+        + ("or a Celery broker " if component.check_broker is not None else "")
+        + "that does not answer (refused, timed "
         "out, a name that does not resolve), polling every second, before refusing to start (code 2); "
         "0 refuses at once. Default: [safe_scheduler] db_wait_timeout, 600.",
     )
     if component.runs_tasks:
-        _add_task_flags(ours)
+        _add_task_flags(ours, component)
     ours.add_argument("--version", action="store_true", help="Show the version and exit.")
     return parser
 
 
-def _add_task_flags(ours: argparse._ArgumentGroup) -> None:
+def _default(component: Component, key: str) -> str:
+    return f"{component.defaults.get(key, DEFAULTS[key]):g}"
+
+
+def _add_task_flags(ours: argparse._ArgumentGroup, component: Component) -> None:
     ours.add_argument(
         "--task-drain-timeout",
         metavar="SECONDS",
-        help="Seconds running tasks (LocalExecutor) get to finish on their own once shutdown starts, "
-        "before they are sent SIGTERM. Default: [safe_scheduler] task_drain_timeout, 0.",
+        help="Seconds running tasks get to finish on their own once shutdown starts, before they are "
+        f"sent SIGTERM. Default: [safe_scheduler] task_drain_timeout, {_default(component, 'task_drain_timeout')}.",
     )
     ours.add_argument(
         "--task-cleanup-timeout",

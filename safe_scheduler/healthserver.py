@@ -84,14 +84,15 @@ class Health:
 
 
 class Waiting:
-    """Alive, and waiting for the metadata database (``dbwait``): a probe passes, because a
-    restarted container would only wait again, later."""
+    """Alive, and waiting for the metadata database or the broker (``dbwait``): a probe passes,
+    because a restarted container would only wait again, later."""
 
-    def __init__(self, since: float) -> None:
+    def __init__(self, since: float, what: str = "the metadata database") -> None:
         self.since = since
+        self.what = what
 
     def answer(self) -> tuple[bool, dict]:
-        return True, {"status": "waiting for the metadata database",
+        return True, {"status": f"waiting for {self.what}",
                       "seconds_waiting": round(time.monotonic() - self.since, 1)}
 
 

@@ -18,7 +18,7 @@ import traceback
 import warnings
 
 from safe_scheduler import __version__, components, dbwait, exitcodes
-from safe_scheduler.dbwait import DatabaseUnreachable
+from safe_scheduler.dbwait import DatabaseUnreachable, Unreachable
 from safe_scheduler.component import Component
 from safe_scheduler.settings import SECTION, Settings, UsageError, health_port_key
 
@@ -79,21 +79,29 @@ def _prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace,
         print(f"{component.prog} {__version__} (Apache Airflow {compat.AIRFLOW_VERSION})")
         raise SystemExit(exitcodes.OK)
     if compat.wants_hot_reload(args):
-        raise UsageError(f"--dev (hot reload) is for development; use 'airflow {component.name} --dev' for that")
+        raise UsageError(f"--dev (hot reload) is for development; use '{component.stock} --dev' for that")
     config = settings.load(flags.overrides(args), conf, component)
     component.check(args)
     for server in component.servers(args):
-        check_port_free(server.host, server.port, server.key)
+        if server.port:  # a server that binds nothing (the worker's stale-bundle cleanup) has port 0
+            check_port_free(server.host, server.port, server.key)
     if config.enable_health_check:
         key = f"[{SECTION}] {health_port_key(component.name)}"
         check_port_free(config.health_check_server_host, config.health_check_server_port, key)
+    _answering(lambda: check_metadata_db(conf), config, "the metadata database")
+    if component.check_broker is not None:
+        _answering(lambda: component.check_broker(args), config, "the Celery broker")
+    return component, args, config
+
+
+def _answering(check, config: Settings, what: str) -> None:
+    """Run ``check``; while ``what`` does not answer, wait for it (``dbwait``) unless the wait is off."""
     try:
-        check_metadata_db(conf)
-    except DatabaseUnreachable as unreachable:
+        check()
+    except Unreachable as unreachable:
         if not config.db_wait_timeout:
             raise
-        dbwait.wait(lambda: check_metadata_db(conf), config, str(unreachable))
-    return component, args, config
+        dbwait.wait(check, config, str(unreachable), what)
 
 
 def _unforeseen(exc: BaseException, name: str) -> UsageError:
@@ -118,8 +126,8 @@ def check_port_free(host: str, port: int, what: str) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise UsageError(
-                    f"port {port} ({what}) is already in use; is another scheduler, triggerer "
-                    "or log server still running on this host?"
+                    f"port {port} ({what}) is already in use; is another scheduler, triggerer, "
+                    "worker or log server still running on this host?"
                 ) from None
             raise UsageError(f"cannot bind port {port} ({what}): {exc.strerror}") from None
 

@@ -36,11 +36,18 @@ def run(component: Component, args: argparse.Namespace, settings: Settings, pare
     shutdown = Shutdown(settings.shutdown_timeout, name=component.name, metrics=metrics)
     notifier = systemd.Notifier(parent_pid=parent.pid)
     stall = StallWatchdog(
-        settings.stall_timeout, name=component.name, metrics=metrics,
+        settings.stall_timeout, name=component.name, metrics=metrics, progress=component.progress,
         on_stall=lambda why: shutdown.begin(f"stalled: {why}", Cause.STALLED),
     )
     shutdown.on_begin += [notifier.stopping, stall.stop]
-    signals.SignalListener(lambda name: shutdown.begin(f"received {name}", Cause.SIGNAL)).start()
+
+    def heard(name: str) -> None:
+        if shutdown.started_at is not None or name in component.hurry_signals:
+            shutdown.hurry(f"received {name}")
+        else:
+            shutdown.begin(f"received {name}", Cause.SIGNAL)
+
+    signals.SignalListener(heard, also=component.hurry_signals).start()
     forkhook.install(settings.child_stop_timeout)
     if settings.db_timeouts:
         dbtimeouts.apply(compat.metadata_engine())
@@ -81,12 +88,15 @@ def _run_job(
         for servers in running:  # a server that died is started again from here: the main thread
             servers.restart_due()
 
-    compat.on_heartbeat(job_runner, heartbeat)
+    component.on_progress(job_runner, heartbeat)
+    if component.recover is not None:
+        stall.recover = functools.partial(component.recover, job_runner)
     executors = component.executors(job_runner)
     tasks = taskstop.TaskStop(
-        taskstop.below(lambda: component.executor_worker_pids(executors)), settings, shutdown.remaining, metrics,
+        taskstop.below(lambda: component.task_parents(job_runner)), settings, shutdown.remaining, metrics,
     )
     shutdown.on_begin.insert(0, tasks.start)  # first: the other hooks may be slow, tasks need the time
+    shutdown.on_hurry.append(tasks.hurry)
     # The scheduler loop's own ``finally`` calls ``executor.end()``, which waits for running tasks
     # with no bound (and Celery's may wait on its broker): that is already shutdown.
     for executor in executors:
@@ -99,7 +109,7 @@ def _run_job(
         running.append(started)
         try:
             stall.start()
-            compat.run_job(job_runner)
+            component.run(job_runner)
         finally:
             shutdown.begin(f"{component.name} run ended")
             signals.hold(shutdown.remaining)

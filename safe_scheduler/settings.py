@@ -117,11 +117,14 @@ def load(cli_overrides: dict[str, str | None], conf, component: Component) -> Se
     which keeps its unit tests fast). Env vars ``AIRFLOW__SAFE_SCHEDULER__*`` come through ``conf``.
     ``component`` gives the health threshold the stall timeout derives from and the endpoint's port.
     """
-    section, option = component.health_threshold
-    threshold = conf.get(section, option, fallback=30)
-    derived_stall = STALL_FACTOR * _seconds(threshold, f"[{section}] {option}", allow_zero=False)
+    if component.health_threshold is not None:
+        section, option = component.health_threshold
+        threshold = conf.get(section, option, fallback=30)
+        derived_stall = STALL_FACTOR * _seconds(threshold, f"[{section}] {option}", allow_zero=False)
+    else:  # no threshold of Airflow's to derive from: the component names its own
+        derived_stall = float(component.defaults["stall_timeout"])
     values: dict[str, float] = {}
-    for key, default in DEFAULTS.items():
+    for key, default in {**DEFAULTS, **component.defaults}.items():
         cli_value = cli_overrides.get(key)
         if cli_value is not None:
             raw, name = cli_value, "--" + key.replace("_", "-")

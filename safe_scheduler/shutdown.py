@@ -114,6 +114,8 @@ class Shutdown:
         self.run_code: int | None = None
         #: Called once with the reason when shutdown starts (systemd STOPPING=1, stall watchdog off).
         self.on_begin: list[Callable[[str], None]] = []
+        #: Called on each "stop now" (a second SIGTERM, Celery's SIGQUIT): the drain ends at once.
+        self.on_hurry: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
     def begin(self, reason: str, cause: Cause | None = None) -> None:
@@ -140,6 +142,21 @@ class Shutdown:
         output.in_background(
             log.info, "Shutdown started (%s); the process will be gone within %gs", reason, self.timeout
         )
+
+    def hurry(self, reason: str) -> None:
+        """"Stop now": start the shutdown if it has not started, and cut its drain short.
+
+        Celery's meaning of a second signal or of SIGQUIT (a cold shutdown), and Airflow's "Signal
+        again" for tasks. It is still the same stop with the same deadline: tasks get SIGTERM and
+        their cleanup time at once instead of after the drain; nothing is killed sooner.
+        """
+        self.begin(reason, Cause.SIGNAL)
+        output.in_background(log.warning, "%s: stopping now (no more draining)", reason)
+        for callback in self.on_hurry:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a hook must not stop the shutdown
+                output.in_background(log.exception, "shutdown hurry hook failed")
 
     def run_ended(self, exc: BaseException | None) -> None:
         """The job is over, by a return or an exception: that is the cause unless another came first."""

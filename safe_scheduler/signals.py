@@ -24,10 +24,16 @@ SHUTDOWN_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
 class SignalListener:
-    """Calls ``on_signal(name)`` for every SIGTERM/SIGINT, from its own thread."""
+    """Calls ``on_signal(name)`` for every SIGTERM/SIGINT (and ``also``), from its own thread.
 
-    def __init__(self, on_signal: Callable[[str], None]) -> None:
+    ``also``: more signals by name ("SIGQUIT"), heard only while something in the process has a
+    Python handler for them (Celery's worker has one for SIGQUIT).
+    """
+
+    def __init__(self, on_signal: Callable[[str], None], also: tuple[str, ...] = ()) -> None:
         self.on_signal = on_signal
+        self.heard = dict(SHUTDOWN_SIGNALS)
+        self.heard.update({getattr(signal, name): name for name in also})
         self._sockets: tuple[socket.socket, socket.socket] | None = None
         self._previous_fd = -1
 
@@ -67,8 +73,8 @@ class SignalListener:
                 with contextlib.suppress(OSError):  # non-blocking: set_wakeup_fd accepts no other
                     os.write(self._previous_fd, data)
             for signum in data:
-                if signum in SHUTDOWN_SIGNALS:
-                    self.on_signal(SHUTDOWN_SIGNALS[signum])
+                if signum in self.heard:
+                    self.on_signal(self.heard[signum])
 
 
 def hold(remaining: Callable[[], float]) -> None:

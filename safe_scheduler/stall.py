@@ -27,11 +27,17 @@ class StallWatchdog:
     """Tells ``on_stall`` once when heartbeats stop; what follows is the shutdown's business."""
 
     def __init__(self, stall_timeout: float, on_stall: Callable[[str], None], name: str = "job",
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, progress: str = "successful heartbeat") -> None:
         self.stall_timeout = stall_timeout
         self.name = name
+        #: What a beat stands for, in the log's words ("successful heartbeat").
+        self.progress = progress
         self.metrics = metrics or Metrics()
         self.on_stall = on_stall
+        #: Tried once when the timeout passes (the worker's reconnect); the stall is declared only if
+        #: no beat comes within another ``stall_timeout``. Returns what it did, for the log.
+        self.recover: Callable[[], str] | None = None
+        self._recovering = False
         self._last_beat = time.monotonic()
         self._stop = threading.Event()
 
@@ -44,6 +50,7 @@ class StallWatchdog:
 
     def beat(self) -> None:
         self._last_beat = time.monotonic()
+        self._recovering = False
 
     def stop(self, reason: str = "") -> None:
         """Shutdown has started: heartbeats are no longer expected."""
@@ -56,13 +63,30 @@ class StallWatchdog:
         interval = min(1.0, self.stall_timeout / 10)
         while not self._stop.wait(interval):
             silent = self.seconds_since_heartbeat()
-            if silent >= self.stall_timeout:
+            if silent >= self.stall_timeout and self.recover is not None and not self._recovering:
+                self._recover(silent)
+            elif silent >= self.stall_timeout:
                 self._stalled(silent)
                 return
             self.metrics.gauge("seconds_since_heartbeat", silent)
 
+    def _recover(self, silent: float) -> None:
+        """The first try: the clock starts again, and only a beat ends the recovery."""
+        self._recovering = True
+        self._last_beat = time.monotonic()
+        self.metrics.incr("recoveries")
+        try:
+            done = self.recover()
+        except Exception as exc:  # noqa: BLE001 - the stall follows if nothing comes of it
+            done = f"failed: {type(exc).__name__}: {exc}"
+        self._recovering = True  # a beat during recover() does not count: it may predate it
+        output.in_background(
+            log.warning, "No %s from the %s for %.0fs (stall_timeout %gs): %s; exiting (code 4) if none "
+            "comes within another %gs", self.progress, self.name, silent, self.stall_timeout, done, self.stall_timeout,
+        )
+
     def _stalled(self, silent: float) -> None:
-        why = f"no successful {self.name} heartbeat for {silent:.0f}s (stall_timeout {self.stall_timeout:g}s)"
+        why = f"no {self.progress} from the {self.name} for {silent:.0f}s (stall_timeout {self.stall_timeout:g}s)"
         self.on_stall(why)  # the deadline first: logging can be what hangs (a lock left held, a full pipe)
         # If the main thread can still run Python, Airflow's own SIGTERM handler unwinds it
         # gracefully; if it is stuck in C (or in a write nobody reads), the deadline ends the process.

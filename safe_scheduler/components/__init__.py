@@ -11,7 +11,7 @@ import importlib
 from safe_scheduler.component import Component, key_of
 
 #: Every component, by the ``airflow`` command it replaces.
-NAMES = ("scheduler", "triggerer", "dag-processor")
+NAMES = ("scheduler", "triggerer", "dag-processor", "celery-worker")
 
 
 def get(name: str) -> Component:

@@ -140,5 +140,5 @@ COMPONENT = Component(
     servers=servers,
     check=check,
     executors=executors,
-    executor_worker_pids=executor_worker_pids,
+    task_parents=lambda job_runner: executor_worker_pids(executors(job_runner)),
 )

@@ -51,16 +51,26 @@ BUSY_DAGS = """
 """
 
 
-def busy(dep, dags: int = 2, tasks: int = 3, seconds: float = 2) -> os.PathLike:
-    """Busy DAGs (catch-up that never runs dry), unpaused, and the worker; returns the marks dir."""
+def busy(dep, dags: int = 2, tasks: int = 3, seconds: float = 2, worker: bool = True) -> os.PathLike:
+    """Busy DAGs (catch-up that never runs dry), unpaused, and (unless ``worker`` is False) a stock
+    worker; returns the marks dir."""
     marks = dep.home / "marks"
     marks.mkdir()
     (dep.home / "dags" / "busy.py").write_text(
         textwrap.dedent(BUSY_DAGS.format(marks=str(marks), dags=dags, tasks=tasks, seconds=seconds)))
     dep.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
     dep.start_task_services()
-    dep.start_worker()
+    if worker:
+        dep.start_worker()
     return marks
+
+
+def runs_twice(marks) -> list[str]:
+    """Task instances whose callable started more than once (the same dag, task, run, map index);
+    a retry would be a second start too, and the busy DAGs have no retries."""
+    path = marks / "starts"
+    keys = [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+    return sorted({key for key in keys if keys.count(key) > 1})
 
 
 def starts(marks) -> int:

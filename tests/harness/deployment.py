@@ -150,6 +150,19 @@ class Deployment:
         execution API: ``start_task_services`` first)."""
         return self.airflow("celery", "worker", "--concurrency", str(concurrency))
 
+    def worker(self, *args: str, stock: bool = False, concurrency: int = 4, own_session: bool = False,
+               **env: str) -> SchedulerProcess:
+        """``airflow-safe-celery-worker`` (its console script) or stock ``airflow celery worker``,
+        logged to ``worker-<n>.log``; ``env`` on top of the deployment's (another broker URL)."""
+        cmd = ([PYTHON, "-m", "airflow", "celery", "worker"] if stock
+               else [str(Path(PYTHON).parent / "airflow-safe-celery-worker")])
+        log = self.home / f"worker-{len(self.started)}.log"
+        proc = SchedulerProcess(cmd + ["--concurrency", str(concurrency), *args], dict(self.env, **env), log,
+                                self.endpoint_port("celery-worker"), reaped=_reaped(stock, args),
+                                own_session=own_session)
+        self.started.append(proc)
+        return proc.start()
+
     def cleanup(self) -> None:
         for proc in self.started:
             proc.cleanup()

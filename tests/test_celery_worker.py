@@ -1,0 +1,142 @@
+"""``airflow-safe-celery-worker`` against stock ``airflow celery worker``: a real Redis, a real
+scheduler sending busy DAGs' tasks, real PostgreSQL (and from Airflow 3 a real api-server and
+dag-processor). Each task records its own start (``harness.celery``): a task instance whose callable
+started twice, or two at once, is counted from that side effect, not from Airflow's state.
+
+Stock's side of each fault runs on the newest release only (the issue measured both): it documents
+the problem, and the time it takes is better spent on ours.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from harness.celery import busy, failed, overlaps, runs_twice, scheduler_up, succeeded, working
+from harness.components import LEAKY_LOGGING
+from harness.deployment import PYTHON, base_env
+from harness.faults import MARGIN, assert_exits, assert_no_orphans, kill
+from harness.procs import wait_for
+from harness.silence import SilenceableRelay
+from safe_scheduler import compat
+
+pytestmark = pytest.mark.celery
+
+SIDES = [True, False] if compat.AIRFLOW_3 else [False]
+IDS = ["stock", "safe"] if compat.AIRFLOW_3 else ["safe"]
+#: Short enough for a test; what the worker's own defaults would take is 590 s.
+QUICK = ("--shutdown-timeout", "30", "--task-drain-timeout", "5", "--stall-timeout", "20")
+
+
+def _started(dep, postgres, *args: str, stock: bool = False, **env: str):
+    """Busy DAGs, the worker, a safe scheduler sending to it; returns (worker, marks) once tasks run."""
+    marks = busy(dep, dags=4, tasks=4, seconds=1, worker=False)
+    worker = dep.worker(*(() if stock else QUICK + args), stock=stock, **env)
+    scheduler_up(dep, postgres)
+    working(postgres, worker, 8)
+    return worker, marks
+
+
+@pytest.mark.parametrize("stock", SIDES, ids=IDS)
+def test_silent_broker_connections(celery_deployment, postgres, stock):
+    """Every broker connection the worker holds goes silent; Redis stays up and new connections
+    work. Stock stays alive and runs nothing more, with nothing logged; ours consumes again within
+    ``stall_timeout`` + 10 s, and no task instance runs twice."""
+    dep = celery_deployment
+    relay = SilenceableRelay(dep.redis.port)  # the worker's only: the scheduler keeps sending
+    try:
+        worker, marks = _started(dep, postgres, stock=stock, AIRFLOW__CELERY__BROKER_URL=relay.url())
+        relay.silence()
+        silenced = time.monotonic()
+        before = succeeded(postgres)
+        if stock:
+            assert worker.wait_exit(45) is None, worker.log()[-3000:]
+            assert succeeded(postgres) == before, "stock consumed again: the fault no longer reproduces"
+            return
+        wait_for(lambda: succeeded(postgres) > before + 2, 20 + 10 + MARGIN, interval=0.5,
+                 message="consumption after the silence")
+        assert time.monotonic() - silenced < 20 + 10
+        working(postgres, worker, succeeded(postgres) + 8)  # and it goes on
+        assert worker.popen.poll() is None  # through a reconnect, in the same process
+        assert not runs_twice(marks) and not overlaps(marks), (runs_twice(marks), overlaps(marks))
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("stock", SIDES, ids=IDS)
+def test_sigterm_with_a_log_shipper_thread(celery_deployment, postgres, stock):
+    """A logging config whose handler keeps a non-daemon thread (as remote-log shippers do). Stock
+    never exits; ours lets the running tasks finish (the drain), exits 0 within the deadline and
+    leaves nothing."""
+    dep = celery_deployment
+    (dep.home / "config" / "leaky_logging.py").write_text(textwrap.dedent(LEAKY_LOGGING))
+    worker, marks = _started(dep, postgres, stock=stock,
+                             AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS="leaky_logging.LOGGING_CONFIG")
+    sent = worker.signal(signal.SIGTERM)
+    if stock:
+        assert worker.wait_exit(30) is None, "stock exited: the scenario no longer reproduces"
+        return
+    code, took = assert_exits(worker, sent, 30 + MARGIN)
+    assert code == 0, worker.log()[-4000:]
+    assert took < 30, f"took {took:.1f}s"
+    assert_no_orphans(worker)
+    assert failed(postgres) == 0  # drained: what ran at SIGTERM finished, nothing was killed
+    assert not runs_twice(marks) and not overlaps(marks)
+
+
+@pytest.mark.parametrize("target", ["top", "job"])
+def test_a_killed_log_server_comes_back_and_kill_9_leaves_nothing(celery_deployment, postgres, target):
+    """The worker's log server killed: it listens again within 10 s. Then ``kill -9`` of the PID that
+    was started (the tiny parent: the job stops itself, within its deadline) or of the worker's
+    main process (the parent sweeps at once): no process is left."""
+    dep = celery_deployment
+    worker, marks = _started(dep, postgres)
+    first = wait_for(lambda: worker.listening_on(dep.log_port), 60, message="serve-logs to listen")
+    first[0].kill()
+    wait_for(lambda: [p for p in worker.listening_on(dep.log_port) if p.pid != first[0].pid], 10 + MARGIN,
+             message="serve-logs to listen again")
+    kill(worker, target)
+    assert_no_orphans(worker, timeout=30 + MARGIN if target == "top" else 5.0)
+    assert not overlaps(marks)
+
+
+def _celery_env(home) -> dict:
+    """2.x lists ``airflow celery`` only under CeleryExecutor, which it refuses on SQLite; ``--help``
+    and bad flags never connect, so the URL needs no server behind it."""
+    return dict(base_env(home), AIRFLOW__CORE__EXECUTOR="CeleryExecutor",
+                AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://nobody@127.0.0.1:1/none")
+
+
+def test_flags_match_installed_airflow_celery_worker(home):
+    from test_cli import OUR_FLAGS, _flags, _run
+
+    env = _celery_env(home)
+    stock = _run([PYTHON, "-m", "airflow", "celery", "worker", "--help"], env)
+    ours = _run([str(PYTHON.rsplit("/", 1)[0]) + "/airflow-safe-celery-worker", "--help"], env)
+    assert stock.returncode == 0 and ours.returncode == 0, stock.stderr + ours.stderr
+    stock_flags, our_flags = _flags(stock.stdout), _flags(ours.stdout)
+    assert {"--concurrency", "--queues", "--daemon", "--skip-serve-logs"} <= stock_flags  # the parse is sound
+    assert stock_flags <= our_flags, f"missing: {stock_flags - our_flags}"
+    assert our_flags - stock_flags == OUR_FLAGS
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--concurrency", "many"], "invalid int value"),
+        (["--shutdown-timeout", "20"], "task_drain_timeout (500s)"),
+        (["--stall-timeout", "soon"], "--stall-timeout must be a number"),
+    ],
+    ids=["bad-concurrency", "deadline-shorter-than-the-default-drain", "bad-stall"],
+)
+def test_bad_input_is_one_line_and_exit_2(home, args, expect):
+    env = _celery_env(home)
+    result = subprocess.run([str(PYTHON.rsplit("/", 1)[0]) + "/airflow-safe-celery-worker", *args], env=env,
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("airflow-safe-celery-worker: error: ") and expect in lines[0], lines[0]
