@@ -2,7 +2,8 @@
 
 For teams that patch Airflow in place instead of running our command (``patches/README.md``).
 Reports the Airflow version, whether the known zombie paths are in its scheduler command, and
-which patch in ``patches/`` applies cleanly (``patch --dry-run``) or is already applied.
+which patch in ``patches/`` applies cleanly (``patch --dry-run``) or is already applied; and the
+Celery provider's worker, which no patch covers.
 Exit code 0: nothing to do (patched); 1: the zombie paths are there; 2: bad usage.
 """
 
@@ -56,6 +57,29 @@ def zombie_paths() -> dict[str, bool]:
     }
 
 
+def worker_paths() -> dict[str, bool]:
+    """The Celery provider's ``airflow celery worker``, if installed: the same zombie shape, and broker
+    connections that can go silent for ever. No patch covers the provider (it is released on its
+    own); ``airflow-safe-celery-worker`` does, so these are reported, not counted in the exit code."""
+    try:
+        from airflow.providers.celery.cli import celery_command
+    except ImportError:
+        return {}
+    serve_logs = inspect.getsource(celery_command._serve_logs)
+    try:
+        from airflow.configuration import conf
+
+        options = conf.getsection("celery_broker_transport_options") or {}
+    except Exception:  # noqa: BLE001 - a config we cannot read says nothing about timeouts
+        options = {}
+    return {
+        "celery worker: serve-logs only terminate()d: no timeout, no kill of its process tree (#32706's shape)":
+            "finally" in serve_logs and "_stop_child" not in serve_logs,
+        "celery worker: broker sockets without a timeout: a silent connection stops consumption for ever":
+            "socket_timeout" not in options,
+    }
+
+
 def _patch(patch_file: Path, target: Path, *extra: str) -> bool:
     done = subprocess.run(
         ["patch", "-p1", "--dry-run", "--force", "--silent", "-d", str(target), "-i", str(patch_file), *extra],
@@ -91,6 +115,12 @@ def main(argv: list[str]) -> int:
     for description, present in paths.items():
         print(f"  {'PRESENT' if present else 'fixed  '}  {description}")
     needs_patch = any(paths.values())
+    worker = worker_paths()
+    for description, present in worker.items():
+        print(f"  {'stock  ' if present else 'fixed  '}  {description}")
+    if any(worker.values()):
+        print("  (no patch covers the Celery provider: run airflow-safe-celery-worker in place of "
+              "'airflow celery worker')")
 
     if shutil.which("patch") is None:
         print("cannot check the patches: the 'patch' command is not installed", file=sys.stderr)

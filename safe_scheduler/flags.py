@@ -83,18 +83,23 @@ def _default(component: Component, key: str) -> str:
 
 
 def _add_task_flags(ours: argparse._ArgumentGroup, component: Component) -> None:
+    if "task_cleanup_timeout" in component.defaults:  # drains by default: the rest of the deadline
+        drain_default = "else what --shutdown-timeout leaves after the cleanup"
+        cleanup_default = f"{component.defaults['task_cleanup_timeout']:g} (or what the deadline leaves)"
+    else:
+        drain_default = _default(component, "task_drain_timeout")
+        cleanup_default = "else what the shutdown deadline leaves after the drain and the children's stop"  # noqa: E501
     ours.add_argument(
         "--task-drain-timeout",
         metavar="SECONDS",
         help="Seconds running tasks get to finish on their own once shutdown starts, before they are "
-        f"sent SIGTERM. Default: [safe_scheduler] task_drain_timeout, {_default(component, 'task_drain_timeout')}.",
+        f"sent SIGTERM. Default: [safe_scheduler] task_drain_timeout, {drain_default}.",
     )
     ours.add_argument(
         "--task-cleanup-timeout",
         metavar="SECONDS",
         help="Seconds tasks get between SIGTERM and SIGKILL to run on_kill and on_termination "
-        "cleanups. Default: [safe_scheduler] task_cleanup_timeout, else what the shutdown deadline "
-        "leaves after the drain and the children's stop.",
+        f"cleanups. Default: [safe_scheduler] task_cleanup_timeout, {cleanup_default}.",
     )
 
 

@@ -124,12 +124,16 @@ def load(cli_overrides: dict[str, str | None], conf, component: Component) -> Se
     else:  # no threshold of Airflow's to derive from: the component names its own
         derived_stall = float(component.defaults["stall_timeout"])
     values: dict[str, float] = {}
+    explicit: set[str] = set()
     for key, default in {**DEFAULTS, **component.defaults}.items():
         cli_value = cli_overrides.get(key)
         if cli_value is not None:
             raw, name = cli_value, "--" + key.replace("_", "-")
+            explicit.add(key)
         else:
             raw = _setting(conf, key)
+            if raw is not None:
+                explicit.add(key)
             raw = default if raw is None else raw
             name = f"[{SECTION}] {key}"
         if key == "task_cleanup_timeout" and raw is None:
@@ -143,6 +147,18 @@ def load(cli_overrides: dict[str, str | None], conf, component: Component) -> Se
             f"shutdown_timeout ({values['shutdown_timeout']:g}s): children are stopped within the "
             "shutdown deadline"
         )
+    if "task_cleanup_timeout" in component.defaults:
+        # A component that drains by default (the worker): its tasks' cleanup time is fixed, and the
+        # drain is whatever the deadline leaves after it; where the user set one of the two, the
+        # other fits in what is left. So any shutdown_timeout works without the other two to match.
+        room = max(0.0, values["shutdown_timeout"] - values["child_stop_timeout"] - 2 * KILL_RESERVE)
+        if "task_drain_timeout" not in explicit:
+            if "task_cleanup_timeout" not in explicit:
+                values["task_cleanup_timeout"] = min(values["task_cleanup_timeout"], room)
+            values["task_drain_timeout"] = max(0.0, room - values["task_cleanup_timeout"])
+        elif "task_cleanup_timeout" not in explicit:
+            values["task_cleanup_timeout"] = min(values["task_cleanup_timeout"],
+                                                 max(0.0, room - values["task_drain_timeout"]))
     leaves = values["shutdown_timeout"] - values["task_drain_timeout"] - values["child_stop_timeout"]
     # Not set: everything the deadline leaves once the drain, the servers' stop and the two kills are paid.
     values.setdefault("task_cleanup_timeout", max(0.0, leaves - 2 * KILL_RESERVE))

@@ -86,7 +86,7 @@ def test_rendered_pods_run_our_commands_with_cheap_probes(helm_home, executor, k
         assert main["args"] == ["bash", "-c", f"exec airflow-safe-{name}"]
         assert main["image"] == f"{IMAGE}:{version}"
         env = {e["name"]: e.get("value") for e in main["env"]}
-        shutdown = float(env["AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT"])
+        shutdown = _shutdown_timeout(env, name)
         assert float(env["AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT"]) <= shutdown
         grace = pod["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert grace > shutdown + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN + reaper.KILL_WAIT
@@ -106,6 +106,40 @@ def test_rendered_pods_run_our_commands_with_cheap_probes(helm_home, executor, k
                 assert "airflow" not in command and "python" not in command, (c["name"], key, command)
 
 
+def _shutdown_timeout(env: dict, name: str) -> float:
+    """The container's shutdown_timeout: its env's, else the component's own default."""
+    from safe_scheduler.settings import DEFAULTS
+
+    default = components.get(name).defaults.get("shutdown_timeout", DEFAULTS["shutdown_timeout"])
+    return float(env.get("AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT") or default)
+
+
+@pytest.mark.parametrize("post_renderer", [False, True], ids=["values-only", "post-rendered"])
+def test_rendered_workers_run_the_safe_worker_and_its_drain_fits_the_grace(helm_home, post_renderer):
+    """Under the chart's default CeleryExecutor: the worker runs our command, its probe asks our
+    endpoint (no ``celery inspect ping``), and its whole stop (the drain, the tasks' cleanup, the
+    backstops, our parent's last sweep) fits in the grace period the chart gives workers."""
+    docs = render(helm_home, "--set", f"images.airflow.repository={IMAGE}", post_renderer=post_renderer)
+    worker = container(docs, "worker")
+    assert worker["args"] == ["bash", "-c", "exec airflow-safe-celery-worker"]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    shutdown = _shutdown_timeout(env, "celery-worker")
+    grace = workload(docs, "worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= shutdown + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN + reaper.KILL_WAIT, (grace, shutdown)
+    from safe_scheduler import settings
+
+    class PodConf:  # what the pod's env sets of [safe_scheduler], nothing else
+        def get(self, section, key, fallback=None):
+            return env.get(f"AIRFLOW__{section.upper()}__{key.upper()}", fallback)
+
+    drained = settings.load({}, PodConf(), components.get("celery-worker"))
+    assert drained.task_drain_timeout >= 300, drained  # most of the grace goes to letting tasks finish
+    probe = worker["livenessProbe"]
+    assert ("httpGet" in probe) == post_renderer
+    assert probe_target(probe) == (health_ports()["celery-worker"], "/health")
+    assert "inspect" not in json.dumps(probe)
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 
 #: What our code emits, one of each shape (metrics.py and its callers), for each component.
@@ -117,6 +151,7 @@ METRICS = {
     "tasks_stopped": ("airflow_safe_tasks_stopped", {}),
     "tasks_killed": ("airflow_safe_tasks_killed", {}),
     "broker_unreachable": ("airflow_safe_broker_unreachable", {}),
+    "recoveries": ("airflow_safe_recoveries", {}),
     "forced_exits.deadline": ("airflow_safe_forced_exits", {"kind": "deadline"}),
     "child_exited.serve_logs": ("airflow_safe_child_exited", {"child": "serve_logs"}),
     "child_restarted.health_check": ("airflow_safe_child_restarted", {"child": "health_check"}),
@@ -143,7 +178,7 @@ def test_statsd_mappings_give_prometheus_names_and_labels(helm_home):
     mappings = yaml.safe_load(config["data"]["mappings.yml"])["mappings"]
     ours = overlay()["statsd"]["extraMappings"]
     assert all(m in mappings for m in ours)  # rendered into the exporter's config
-    for name in COMPONENTS:
+    for name in components.NAMES:
         component = name.replace("-", "_")
         for metric, (prom, labels) in METRICS.items():
             full = f"airflow.safe_{component}.{metric}"  # Airflow's default [metrics] statsd_prefix

@@ -5,55 +5,28 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from harness.cli import OUR_FLAGS, flags_of, refused, run
 from harness.deployment import PYTHON, SAFE, STOCK, Deployment, base_env
 from safe_scheduler import compat
 
 pytestmark = pytest.mark.all_versions
 
-OUR_FLAGS = {
-    "--shutdown-timeout", "--child-stop-timeout", "--stall-timeout", "--task-drain-timeout",
-    "--task-cleanup-timeout", "--db-wait-timeout", "--version",
-}
-
-
-def _flags(help_text: str) -> set[str]:
-    """The flags of the options listing: lines that start with a flag, up to their description."""
-    flags = set()
-    for line in help_text.splitlines():
-        if re.match(r"^ {2}-", line):
-            names = re.split(r" {2,}", line.strip())[0]
-            flags.update(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", names))
-    return flags
-
-
-def _run(cmd, env, timeout=120):
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
 
 def test_flags_match_installed_airflow_scheduler(home):
     env = base_env(home)
-    stock = _run(STOCK + ["--help"], env)
-    ours = _run(SAFE + ["--help"], env)
+    stock = run(STOCK + ["--help"], env)
+    ours = run(SAFE + ["--help"], env)
     assert stock.returncode == 0 and ours.returncode == 0, stock.stderr + ours.stderr
-    stock_flags, our_flags = _flags(stock.stdout), _flags(ours.stdout)
+    stock_flags, our_flags = flags_of(stock.stdout), flags_of(ours.stdout)
     for flag in ("--num-runs", "--skip-serve-logs", "--daemon", "--pid", "--stdout", "--stderr", "--log-file"):
         assert flag in stock_flags  # the parse itself is sound
     assert stock_flags <= our_flags, f"missing: {stock_flags - our_flags}"
     assert our_flags - stock_flags == OUR_FLAGS
-
-
-def _refused(result, prog: str = "airflow-safe-scheduler") -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith(f"{prog}: error: ")
-    return lines[0]
 
 
 def _safe(name: str) -> list[str]:
@@ -64,10 +37,10 @@ def _safe(name: str) -> list[str]:
 @pytest.mark.parametrize("name", ["triggerer", "dag-processor"])
 def test_component_flags_match_installed_airflow(home, name):
     env = base_env(home)
-    stock = _run([PYTHON, "-m", "airflow", name, "--help"], env)
-    ours = _run(_safe(name) + ["--help"], env)
+    stock = run([PYTHON, "-m", "airflow", name, "--help"], env)
+    ours = run(_safe(name) + ["--help"], env)
     assert stock.returncode == 0 and ours.returncode == 0, stock.stderr + ours.stderr
-    stock_flags, our_flags = _flags(stock.stdout), _flags(ours.stdout)
+    stock_flags, our_flags = flags_of(stock.stdout), flags_of(ours.stdout)
     assert "--daemon" in stock_flags  # the parse itself is sound
     assert stock_flags <= our_flags, f"missing: {stock_flags - our_flags}"
     # No executor, no tasks: the task drain and cleanup flags are the scheduler's only.
@@ -85,7 +58,7 @@ def test_component_flags_match_installed_airflow(home, name):
     ids=["triggerer-unknown-flag", "triggerer-bad-stall", "dag-processor-bad-timeout", "dag-processor-bad-num-runs"],
 )
 def test_component_bad_input_is_one_line_and_exit_2(home, name, args, expect):
-    assert expect in _refused(_run(_safe(name) + args, base_env(home)), f"airflow-safe-{name}")
+    assert expect in refused(run(_safe(name) + args, base_env(home)), f"airflow-safe-{name}")
 
 
 def test_triggerer_log_port_taken_is_refused(postgres, tmp_path):
@@ -93,7 +66,7 @@ def test_triggerer_log_port_taken_is_refused(postgres, tmp_path):
     with socket.socket() as squatter:
         squatter.bind(("", deployment.trigger_log_port))
         squatter.listen()
-        line = _refused(_run(_safe("triggerer"), deployment.env), "airflow-safe-triggerer")
+        line = refused(run(_safe("triggerer"), deployment.env), "airflow-safe-triggerer")
     assert f"port {deployment.trigger_log_port}" in line and "trigger_log_server_port" in line
 
 
@@ -106,7 +79,7 @@ def test_liveness_endpoint_port_taken_is_refused(postgres, tmp_path, name):
     with socket.socket() as squatter:
         squatter.bind(("", port))
         squatter.listen()
-        line = _refused(_run(_safe(name), deployment.env), f"airflow-safe-{name}")
+        line = refused(run(_safe(name), deployment.env), f"airflow-safe-{name}")
     key = f"{name.replace('-', '_')}_health_check_server_port"
     assert f"port {port}" in line and key in line and "already in use" in line
 
@@ -116,7 +89,7 @@ def test_liveness_endpoint_port_taken_is_refused(postgres, tmp_path, name):
 ])
 def test_bad_liveness_endpoint_port_is_refused(home, value, expect):
     env = dict(base_env(home), AIRFLOW__SAFE_SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT=value)
-    line = _refused(_run(SAFE, env))
+    line = refused(run(SAFE, env))
     assert "scheduler_health_check_server_port" in line and expect in line
 
 
@@ -124,10 +97,10 @@ def test_dag_processor_refuses_what_stock_refuses(postgres, tmp_path):
     """2.x: not standalone -> refused as stock refuses it; 3.x: an unknown bundle."""
     deployment = Deployment(tmp_path / "airflow", postgres.url)
     if compat.AIRFLOW_3:
-        line = _refused(_run(_safe("dag-processor") + ["--bundle-name", "nope"], deployment.env), "airflow-safe-dag-processor")
+        line = refused(run(_safe("dag-processor") + ["--bundle-name", "nope"], deployment.env), "airflow-safe-dag-processor")
         assert "nope" in line
     else:
-        line = _refused(_run(_safe("dag-processor"), deployment.env), "airflow-safe-dag-processor")
+        line = refused(run(_safe("dag-processor"), deployment.env), "airflow-safe-dag-processor")
         assert "standalone_dag_processor" in line
 
 
@@ -160,7 +133,7 @@ def test_dag_processor_refuses_what_stock_refuses(postgres, tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(home, args, env, expect):
-    line = _refused(_run(SAFE + args, dict(base_env(home), **env)))
+    line = refused(run(SAFE + args, dict(base_env(home), **env)))
     assert expect in line
 
 
@@ -169,12 +142,12 @@ def test_unforeseen_error_while_preparing_is_still_one_line(postgres, tmp_path):
     of ours foresaw: still one line naming the error, exit 2, nothing started."""
     deployment = Deployment(tmp_path / "airflow", postgres.url)
     env = dict(deployment.env, AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT="eighty")
-    line = _refused(_run(SAFE, env))
+    line = refused(run(SAFE, env))
     assert "could not prepare the scheduler: ValueError" in line and "eighty" in line
 
 
 def test_only_idle_alone_is_refused(home):
-    line = _refused(_run(SAFE + ["--only-idle"], base_env(home)))
+    line = refused(run(SAFE + ["--only-idle"], base_env(home)))
     if any("--only-idle" in arg.flags for arg in compat.cli_command("scheduler").args):
         assert "--only-idle requires --num-runs" in line
     else:  # releases before 3.2 have no such flag, and neither do we there
@@ -186,7 +159,7 @@ def test_port_taken_is_refused(postgres, tmp_path):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", deployment.health_port))
         squatter.listen()
-        line = _refused(_run(SAFE, deployment.env))
+        line = refused(run(SAFE, deployment.env))
     assert f"port {deployment.health_port}" in line and "already in use" in line
 
 
@@ -194,15 +167,15 @@ def test_uninitialised_database_is_refused(postgres, tmp_path):
     postgres.execute("CREATE DATABASE empty")
     url = postgres.url.rsplit("/", 1)[0] + "/empty"
     deployment = Deployment(tmp_path / "airflow", url)
-    line = _refused(_run(SAFE, deployment.env))
+    line = refused(run(SAFE, deployment.env))
     assert "not initialised" in line and "airflow db migrate" in line
 
 
 def test_embedded_sqlite_is_set_up_and_num_runs_ends_cleanly(home):
     """The README's first command: no database configured anywhere, Airflow's SQLite default."""
-    result = _run(SAFE + ["--num-runs", "1", "--skip-serve-logs"], base_env(home), timeout=300)
+    result = run(SAFE + ["--num-runs", "1", "--skip-serve-logs"], base_env(home), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    check = _run(
+    check = run(
         [sys.executable, "-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("
          "\"select count(*) from job where job_type='SchedulerJob' and end_date is not null\").fetchone()[0])",
          str(home / "airflow.db")],
@@ -212,6 +185,6 @@ def test_embedded_sqlite_is_set_up_and_num_runs_ends_cleanly(home):
 
 
 def test_version(home):
-    result = _run(SAFE + ["--version"], base_env(home))
+    result = run(SAFE + ["--version"], base_env(home))
     assert result.returncode == 0
     assert re.match(r"airflow-safe-scheduler \S+ \(Apache Airflow \d+\.\d+\.\d+", result.stdout)

@@ -99,3 +99,24 @@ def test_task_timeouts_must_fit_in_the_deadline(drain, cleanup):
     values = {"task_drain_timeout": drain} | ({"task_cleanup_timeout": cleanup} if cleanup else {})
     with pytest.raises(UsageError, match="must not exceed shutdown_timeout"):
         load({}, FakeConf(**values))
+
+
+def test_celery_worker_defaults_fill_the_charts_grace():
+    """The worker drains by default: 60 s of cleanup, the drain what the 585 s deadline leaves."""
+    worker = load({}, FakeConf(), "celery-worker")
+    assert (worker.shutdown_timeout, worker.task_cleanup_timeout, worker.task_drain_timeout) == (585.0, 60.0, 518.0)
+    assert worker.stall_timeout == 60.0 and worker.health_check_server_port == 8978
+    assert worker.task_drain_timeout + worker.task_cleanup_timeout + worker.after_tasks + 1 <= 585.0
+
+
+@pytest.mark.parametrize(("shutdown", "cleanup", "drain"), [("120", 60.0, 53.0), ("30", 23.0, 0.0)])
+def test_celery_worker_drain_follows_a_shorter_deadline(shutdown, cleanup, drain):
+    """A shorter deadline (the overlay's, a user's) shortens the drain, then the cleanup: never a refusal."""
+    worker = load({}, FakeConf(shutdown_timeout=shutdown), "celery-worker")
+    assert (worker.task_cleanup_timeout, worker.task_drain_timeout) == (cleanup, drain)
+
+
+def test_celery_worker_explicit_drain_is_kept_or_refused():
+    assert load({"task_drain_timeout": "5"}, FakeConf(shutdown_timeout="30"), "celery-worker").task_drain_timeout == 5.0
+    with pytest.raises(UsageError, match="must not exceed shutdown_timeout"):
+        load({"task_drain_timeout": "40"}, FakeConf(shutdown_timeout="30"), "celery-worker")

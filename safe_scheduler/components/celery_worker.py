@@ -440,11 +440,13 @@ COMPONENT = Component(
     health_threshold=None,
     new_job_runner=new_job_runner,
     health_port=8978,
-    # The chart gives workers 600 s from SIGTERM to SIGKILL: the drain takes most of it, the tasks'
-    # cleanup what the deadline leaves after it (590 - 500 - child_stop_timeout - 2 s of kills), and
-    # 10 s are left to spare. No heartbeat of Airflow's to derive the stall timeout from: 60 s, four
-    # times BROKER_SOCKET_TIMEOUT, so Celery's own reconnect is given its chance first.
-    defaults={"shutdown_timeout": 590.0, "task_drain_timeout": 500.0, "stall_timeout": 60.0},
+    # The chart gives workers 600 s from SIGTERM to SIGKILL: 585 are the deadline, and the backstops
+    # behind it (8 s) and our parent's last sweep (5 s) fit in the rest. The tasks' cleanup (on_kill,
+    # on_termination) gets 60 s, and the drain whatever is left once that, the children's stop and
+    # the kills are paid: 518 s by default, less under a shorter shutdown_timeout (settings.load),
+    # never a refusal. No heartbeat of Airflow's to derive the stall timeout from: 60 s, four times
+    # BROKER_SOCKET_TIMEOUT, so one command's timeout comes first.
+    defaults={"shutdown_timeout": 585.0, "task_cleanup_timeout": 60.0, "stall_timeout": 60.0},
     run=CeleryWorker.run,
     on_progress=on_progress,
     servers=servers,
