@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from lab import COMPONENTS, REPO, SAFE_ARGS, Lab
-from sections import celery, faults, flood, kills, outages, overhead, probes, tasks
+from sections import celery, faults, flood, kills, outages, overhead, probes, tasks, worker
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -40,6 +40,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="stop with N tasks running, for each N (default 1 16; quick: 1; none: skip)")
     parser.add_argument("--no-probes", action="store_true", help="skip the liveness probe cost")
     parser.add_argument("--no-celery", action="store_true", help="skip the CeleryExecutor run")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="skip the Celery worker's own run (stock vs safe worker: throughput, probe, faults)")
     parser.add_argument("--no-flood", action="store_true", help="skip the liveness endpoint under a flood")
     parser.add_argument("--flood-rate", type=float, default=500.0,
                         help="requests a second at the liveness endpoint in the flood section (default 500)")
@@ -68,6 +70,7 @@ def sections(args: argparse.Namespace) -> dict:
         "stop_with_tasks": (tasks, args.tasks),
         "probes": (probes, not args.no_probes),
         "celery": (celery, not args.no_celery),
+        "worker": (worker, not args.no_worker),
         "overhead": (overhead, not args.no_overhead),
         "endpoint_flood": (flood, not args.no_flood),
         "outages": (outages, args.outages and args.restart_policies),

@@ -161,12 +161,24 @@ def _db_state(url) -> str:
     return "ready" if {"alembic_version", "job"} <= tables else "empty"
 
 
+def _is_embedded(path: str | None) -> bool:
+    """Whether ``path`` is Airflow's embedded default, ``airflow.db`` in AIRFLOW_HOME."""
+    from airflow import settings as airflow_settings
+
+    if not path:
+        return False
+    home = getattr(airflow_settings, "AIRFLOW_HOME", None) or os.environ.get("AIRFLOW_HOME", "~/airflow")
+    default = os.path.join(os.path.expanduser(home), "airflow.db")
+    return os.path.realpath(os.path.expanduser(path)) == os.path.realpath(default)
+
+
 def check_metadata_db(conf) -> None:
     """Fail unless the metadata database is configured, reachable and migrated.
 
-    SQLite is Airflow's embedded default (a file in AIRFLOW_HOME): when it is empty we migrate it,
-    as ``airflow standalone`` does, so the safe scheduler runs on a fresh machine with no setup.
-    Other databases are never migrated behind the operator's back.
+    SQLite is Airflow's embedded default (``airflow.db`` in AIRFLOW_HOME): when it is empty we
+    migrate it, as ``airflow standalone`` does, so the safe scheduler runs on a fresh machine with no
+    setup. Other databases, other SQLite files included, are never created or migrated behind the
+    operator's back: a SQLite path that does not exist is refused (a typo would start an empty one).
     """
     from sqlalchemy.engine import make_url
 
@@ -180,9 +192,15 @@ def check_metadata_db(conf) -> None:
         url = make_url(raw)
     except Exception:  # noqa: BLE001
         raise UsageError("[database] sql_alchemy_conn is not a valid database URL") from None
+    embedded = url.get_backend_name() == "sqlite" and _is_embedded(url.database)
+    if url.get_backend_name() == "sqlite" and not embedded and url.database and url.database != ":memory:" \
+            and not os.path.exists(url.database):
+        # Connecting would create it, empty: a typo in the path would start a new, empty database.
+        raise UsageError(f"the SQLite metadata database {url.database} does not exist; check [database] "
+                         "sql_alchemy_conn (only the embedded default in AIRFLOW_HOME is created for you)")
     if _db_state(url) == "ready":
         return
-    if url.get_backend_name() != "sqlite":
+    if not embedded:
         raise UsageError(
             f"the metadata database {_redacted(url)} is not initialised: run 'airflow db migrate' first"
         )

@@ -137,10 +137,13 @@ def stop(
     outcome.stopped = [p for p in tree if p not in left]
     if left:
         left = _with_trees(left)  # a process may have forked while we waited
-        log.warning(
-            "%s did not stop within %.1fs of SIGTERM; killing: %s",
-            what, wait, ", ".join(_describe(p) for p in left),
-        )
+        if grace == 0:  # the caller's wait is over already (tasks past their cleanup time)
+            why = "still running"
+        elif wait < grace:
+            why = f"did not stop within {wait:.1f}s of SIGTERM (what the shutdown deadline left of {grace:g}s)"
+        else:
+            why = f"did not stop within {wait:.1f}s of SIGTERM"
+        log.warning("%s %s; killing: %s", what, why, ", ".join(_describe(p) for p in left))
         send(left, signal.SIGKILL, refused)
         survivors = _wait_gone(left, KILL_WAIT)
         outcome.killed = [p for p in left if p not in survivors]

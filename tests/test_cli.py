@@ -188,3 +188,16 @@ def test_version(home):
     result = run(SAFE + ["--version"], base_env(home))
     assert result.returncode == 0
     assert re.match(r"airflow-safe-scheduler \S+ \(Apache Airflow \d+\.\d+\.\d+", result.stdout)
+
+
+@pytest.mark.parametrize("which", ["missing", "empty"])
+def test_a_sqlite_path_other_than_the_default_is_never_created_or_migrated(home, which):
+    """A typo in a SQLite path must not start a new, empty metadata database; an empty file that is
+    not the embedded default is not migrated either."""
+    target = home / "typo" / "airlfow.db" if which == "missing" else home / "other.db"
+    if which == "empty":
+        target.touch()
+    env = dict(base_env(home), AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{target}")
+    line = refused(run(SAFE + ["--num-runs", "1"], env))
+    assert ("does not exist" if which == "missing" else "run 'airflow db migrate' first") in line
+    assert not target.exists() if which == "missing" else target.stat().st_size == 0
