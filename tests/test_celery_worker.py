@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.celery import busy, failed, overlaps, runs_twice, scheduler_up, succeeded, working
+from harness.celery import busy, failed, overlaps, runs_twice, scheduler_up, started_after, succeeded, working
 from harness.cli import OUR_FLAGS, flags_of, refused, run
 from harness.components import LEAKY_LOGGING
 from harness.deployment import PYTHON, base_env
+from harness.external_job import write_dag
 from harness.faults import MARGIN, assert_exits, assert_no_orphans, kill
+from harness.jobservice import JobService
 from harness.procs import wait_for
 from harness.silence import SilenceableRelay
 from safe_scheduler import compat
@@ -54,15 +56,18 @@ def test_silent_broker_connections(celery_deployment, postgres, stock):
     try:
         worker, marks = _started(dep, postgres, stock=stock, AIRFLOW__CELERY__BROKER_URL=relay.url())
         relay.silence()
-        silenced = time.monotonic()
-        before = succeeded(postgres)
+        silenced = time.time()  # the tasks' own start marks are wall-clock times
+        # Up to --concurrency tasks were received before the silence and start after it: consumption
+        # is back once one more than those has started.
         if stock:
-            assert worker.wait_exit(45) is None, worker.log()[-3000:]
-            assert succeeded(postgres) == before, "stock consumed again: the fault no longer reproduces"
+            assert worker.wait_exit(15) is None, worker.log()[-3000:]
+            in_flight = len(started_after(marks, silenced))
+            assert worker.wait_exit(30) is None, worker.log()[-3000:]
+            assert len(started_after(marks, silenced)) == in_flight <= 4, "stock consumed again after the silence"
             return
-        wait_for(lambda: succeeded(postgres) > before + 2, 20 + 10 + MARGIN, interval=0.5,
-                 message="consumption after the silence")
-        assert time.monotonic() - silenced < 20 + 10
+        starts = wait_for(lambda: started_after(marks, silenced)[4:], 20 + 10 + MARGIN, interval=0.25,
+                          message="a task received after the silence to start")
+        assert starts[0] - silenced < 20 + 10, f"consumption resumed {starts[0] - silenced:.1f}s after the silence"
         working(postgres, worker, succeeded(postgres) + 8)  # and it goes on
         assert worker.popen.poll() is None  # through a reconnect, in the same process
         assert not runs_twice(marks) and not overlaps(marks), (runs_twice(marks), overlaps(marks))
@@ -95,16 +100,28 @@ def test_sigterm_with_a_log_shipper_thread(celery_deployment, postgres, stock):
 def test_a_killed_log_server_comes_back_and_kill_9_leaves_nothing(celery_deployment, postgres, target):
     """The worker's log server killed: it listens again within 10 s. Then ``kill -9`` of the PID that
     was started (the tiny parent: the job stops itself, within its deadline) or of the worker's
-    main process (the parent sweeps at once): no process is left."""
+    main process (the parent sweeps at once): no process is left, and the external job of a task
+    that was running (cancelled in its ``on_termination``) is cancelled."""
     dep = celery_deployment
-    worker, marks = _started(dep, postgres)
+    service = JobService()
+    try:
+        write_dag(dep.home / "dags", service.url)
+        worker, marks = _started(dep, postgres)
+        wait_for(lambda: len(service.jobs) >= 1, 240, interval=0.5, message="the task to start its external job")
+        _kill_the_log_server_then_the_worker(dep, worker, target)
+        assert set(service.jobs.values()) == {"cancelled"}, f"{service.calls}\n{worker.log()[-3000:]}"
+        assert not overlaps(marks)
+    finally:
+        service.close()
+
+
+def _kill_the_log_server_then_the_worker(dep, worker, target: str) -> None:
     first = wait_for(lambda: worker.listening_on(dep.log_port), 60, message="serve-logs to listen")
     first[0].kill()
     wait_for(lambda: [p for p in worker.listening_on(dep.log_port) if p.pid != first[0].pid], 10 + MARGIN,
              message="serve-logs to listen again")
     kill(worker, target)
-    assert_no_orphans(worker, timeout=30 + MARGIN if target == "top" else 5.0)
-    assert not overlaps(marks)
+    assert_no_orphans(worker, timeout=30 + MARGIN if target == "top" else 5.0 + MARGIN)
 
 
 def _celery_env(home) -> dict:

@@ -65,6 +65,13 @@ def busy(dep, dags: int = 2, tasks: int = 3, seconds: float = 2, worker: bool = 
     return marks
 
 
+def started_after(marks, since: float) -> list[float]:
+    """The wall-clock times of the task starts after ``since``, in order."""
+    path = marks / "starts"
+    times = [float(line.split()[2]) for line in path.read_text().splitlines()] if path.exists() else []
+    return sorted(t for t in times if t > since)
+
+
 def runs_twice(marks) -> list[str]:
     """Task instances whose callable started more than once (the same dag, task, run, map index);
     a retry would be a second start too, and the busy DAGs have no retries."""
