@@ -139,8 +139,8 @@ def stops(lab: Lab, stock: bool, limit: float) -> dict:
 
 def measure(lab: Lab, args) -> dict:
     warmup, window = (10, 30) if args.quick else (20, 60)
-    runs = interleaved(args.reps, lambda kind: run(lab, kind == "stock", warmup, window), "worker")
     faults = interleaved(1, lambda kind: stops(lab, kind == "stock", args.limit), "worker stops")
+    runs = interleaved(args.reps, lambda kind: run(lab, kind == "stock", warmup, window), "worker")
     return {"runs": runs, "stops": faults}
 
 
