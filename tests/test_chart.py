@@ -2,7 +2,7 @@
 Kubernetes API schemas, and each switched container run here as its pod would run it.
 
 No Kubernetes cluster is needed: helm renders offline (the chart and its PostgreSQL subchart are in
-``../shared/chart``), ``kubernetes-validate --strict`` checks every manifest, and the rendered
+``helm/upstream/``, vendored), ``kubernetes-validate --strict`` checks every manifest, and the rendered
 container's args, env and probe run against real processes and a real PostgreSQL server.
 """
 

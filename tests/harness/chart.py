@@ -14,8 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
 PLUGIN = REPO / "helm" / "safe-probes"
-CHART = REPO.parent / "shared" / "chart" / "airflow-1.18.0"
-SCHEMA = REPO.parent / "shared" / "chart" / "values.schema.json"
+CHART = REPO / "helm" / "upstream" / "airflow-1.18.0"
+SCHEMA = REPO / "helm" / "upstream" / "values.schema.json"
 TOOLS = REPO / ".venv" / "tools" / "bin"
 BIN = Path(sys.executable).parent
 IMAGE = "registry.example.com/airflow-safe-scheduler"
