@@ -41,6 +41,8 @@ def add_airflow_args(parser: argparse.ArgumentParser, command: Any) -> None:
         kwargs = dict(arg.kwargs)
         if "help" in kwargs and kwargs["help"] is not None:
             kwargs["help"] = str(kwargs["help"])  # Airflow uses lazy proxies for some help texts
+        if "--dev" in arg.flags:  # parsed, to be refused with one line (preflight), but not offered
+            kwargs["help"] = argparse.SUPPRESS
         parser.add_argument(*arg.flags, **kwargs)
 
 

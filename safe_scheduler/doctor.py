@@ -102,7 +102,14 @@ def patch_status(patches: Path, target: Path) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="airflow-safe-scheduler doctor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="airflow-safe-scheduler doctor",
+        description="Does the installed Airflow need a patch, and which one fits? Lists the known zombie "
+        "paths in its scheduler and triggerer commands (and the Celery provider's worker, which no patch "
+        "covers) and which patch in patches/ applies or is applied.",
+        epilog="Exit codes: 0 nothing to do (no zombie path, or patched); 1 a zombie path is there (a patch "
+        "is named if one fits, else run the safe commands instead); 2 bad usage.",
+    )
     parser.add_argument("--patches", type=Path, default=DEFAULT_PATCHES,
                         help=f"directory with the airflow-*.patch files (default: {DEFAULT_PATCHES})")
     args = parser.parse_args(argv)

@@ -1,0 +1,58 @@
+"""``scripts/demo``, the README's first command, as a new user runs it (its install is already done
+here, so it skips it): its first line comes at once, the DAG run succeeds in the demo's own SQLite
+database, it ends by itself with exit 0, and nothing it started is left."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import time
+
+import psutil
+
+from harness import pg
+from harness.chart import REPO
+
+
+def _started_by(home: str) -> list[psutil.Process]:
+    """Processes whose environment names the demo's AIRFLOW_HOME: the demo's, whoever their parent."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("AIRFLOW_HOME") == home:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_demo_runs_the_family_and_ends_by_itself(tmp_path):
+    env = dict(os.environ, DEMO_HOME=str(tmp_path / "demo"))
+    # Ports of their own: other tests run beside this one (the defaults are the chart tests').
+    for variable in ("AIRFLOW__SAFE_SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT",
+                     "AIRFLOW__SAFE_SCHEDULER__TRIGGERER_HEALTH_CHECK_SERVER_PORT",
+                     "AIRFLOW__SAFE_SCHEDULER__DAG_PROCESSOR_HEALTH_CHECK_SERVER_PORT",
+                     "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"):
+        env[variable] = str(pg.free_port())
+    started = time.monotonic()
+    demo = subprocess.Popen([str(REPO / "scripts" / "demo")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    try:
+        first = demo.stdout.readline()
+        first_after = time.monotonic() - started
+        rest, _ = demo.communicate(timeout=600)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)
+    assert first and first_after < 2, (first_after, first)
+    assert demo.returncode == 0, rest[-4000:]
+    db = tmp_path / "demo" / "airflow" / "airflow.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+        runs = connection.execute("SELECT state FROM dag_run WHERE dag_id = 'safe_demo'").fetchall()
+        succeeded = connection.execute(
+            "SELECT count(*) FROM task_instance WHERE dag_id = 'safe_demo' AND state = 'success'").fetchone()[0]
+    assert runs == [("success",)], rest[-4000:]
+    assert succeeded == 3  # the task, the deferred wait, the task with a cleanup
+    assert not _started_by(str(tmp_path / "demo" / "airflow")), "the demo left processes behind"
