@@ -100,6 +100,8 @@ def _run_job(
     # The scheduler loop's own ``finally`` calls ``executor.end()``, which waits for running tasks
     # with no bound (and Celery's may wait on its broker): that is already shutdown.
     for executor in executors:
+        if hasattr(executor, "_log") and getattr(executor, "log", None) is not None:
+            executor._log = _WithoutSignalAgain(executor.log)  # LoggingMixin's cached logger
         # What comes after the tasks must still fit: the servers' stop, and the kill of what is left.
         executor.end = _end_within_deadline(shutdown, tasks, executor.end, settings.after_tasks)
         brokerhold.install(executor, metrics)
@@ -113,6 +115,24 @@ def _run_job(
         finally:
             shutdown.begin(f"{component.name} run ended")
             signals.hold(shutdown.remaining)
+
+
+class _WithoutSignalAgain:
+    """An executor's logger without LocalExecutor's "waiting for running tasks to finish. Signal
+    again if you don't want to wait": that wait is bounded here (``taskstop`` says what it does
+    instead), so the line misleads. A stdlib logger on 2.x, structlog's on 3.x: both go through
+    here."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def info(self, message: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(message, str) and "Signal again if you don't want to wait" in message:
+            return None
+        return self._logger.info(message, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
 
 
 def _serve_health(settings: Settings, shutdown: Shutdown, stall: StallWatchdog) -> None:
