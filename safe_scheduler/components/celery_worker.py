@@ -132,7 +132,6 @@ class CeleryWorker:
         self.options = options
         self.on_tick: list[Callable[[], None]] = []
         self.pool: Any = None  # the WorkController's pool, once it has started
-        self.consumer: Any = None  # the consumer, while it consumes
         app.steps["consumer"].add(_consumer_ticks(self))
         app.steps["worker"].add(_pool_seen(self))
         self.answers_read = _count_brpop_answers(self) if _on_redis(app) else False
@@ -217,7 +216,9 @@ def reconnect(broker_url: str) -> str:
     except Exception as exc:  # noqa: BLE001 - nothing to reconnect to: the stop follows
         return f"cannot tell the broker's address ({type(exc).__name__}: {exc})"
     shut = 0
-    for conn in psutil.Process().net_connections(kind="tcp"):
+    me = psutil.Process()
+    connections = getattr(me, "net_connections", None) or me.connections  # psutil < 6 has only the latter
+    for conn in connections(kind="tcp"):
         if not conn.raddr or conn.fd < 0 or conn.raddr.port != port or conn.raddr.ip not in addresses:
             continue
         try:
@@ -245,7 +246,6 @@ def _consumer_ticks(worker: CeleryWorker) -> type:
             self.entry: Any = None
 
         def start(self, consumer: Any) -> None:
-            worker.consumer = consumer
             worker.tick()
             self.entry = consumer.timer.call_repeatedly(TICK, self.second)
 
@@ -254,7 +254,6 @@ def _consumer_ticks(worker: CeleryWorker) -> type:
                 worker.tick()
 
         def stop(self, consumer: Any) -> None:
-            worker.consumer = None
             if self.entry is not None:
                 self.entry.cancel()
                 self.entry = None
