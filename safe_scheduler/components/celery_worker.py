@@ -34,8 +34,10 @@ pool and a DB pre-check), the stale-bundle cleanup process (3.x).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
@@ -44,11 +46,18 @@ from safe_scheduler import compat
 from safe_scheduler.component import Component, Server
 from safe_scheduler.settings import UsageError
 
+log = logging.getLogger("safe_scheduler.celery_worker")
+
 #: Seconds between two ticks of the consumer loop (a kombu timer entry: nothing runs outside the loop).
 TICK = 1.0
+#: A tick this late (seconds since the one before) says the event loop was blocked meanwhile.
+LATE = 2.5 * TICK
 #: Seconds a synchronous command on a broker socket may wait for its reply (Redis): far above a
-#: healthy reply, far below the stall timeout, so Celery's reconnect comes first.
-BROKER_SOCKET_TIMEOUT = 15.0
+#: healthy reply (milliseconds), far below the stall timeout. An ack that runs out of it means
+#: the connection is gone: the worker reconnects at once (``_reconnect_when_an_ack_fails``).
+BROKER_SOCKET_TIMEOUT = 10.0
+#: Seconds between two reconnects at most (an ack failing after one must not undo it).
+RECONNECT_GAP = 10.0
 #: Seconds a new broker connection may take.
 BROKER_CONNECT_TIMEOUT = 10.0
 #: URL schemes of kombu's Redis transport, whose connections take the options above.
@@ -132,9 +141,12 @@ class CeleryWorker:
         self.options = options
         self.on_tick: list[Callable[[], None]] = []
         self.pool: Any = None  # the WorkController's pool, once it has started
+        self.reconnected_at = -RECONNECT_GAP
         app.steps["consumer"].add(_consumer_ticks(self))
         app.steps["worker"].add(_pool_seen(self))
         self.answers_read = _count_brpop_answers(self) if _on_redis(app) else False
+        if self.answers_read:
+            _reconnect_when_an_ack_fails(self)
 
     def tick(self) -> None:
         for callback in self.on_tick:
@@ -165,7 +177,14 @@ class CeleryWorker:
 
     def reconnect(self) -> str:
         """Shut down every TCP socket this process holds to the broker: whatever waits on one wakes
-        with an error, and Celery's recovery opens fresh connections. Returns what was done."""
+        with an error, and Celery's recovery opens fresh connections. Returns what was done.
+
+        At most once per ``RECONNECT_GAP``: the acks that fail because of the first reconnect must
+        not shut down the connections that Celery has just opened."""
+        now = time.monotonic()
+        if now - self.reconnected_at < RECONNECT_GAP:
+            return f"reconnected {now - self.reconnected_at:.1f}s ago"
+        self.reconnected_at = now
         return reconnect(str(self.app.conf.broker_url or ""))
 
 
@@ -200,6 +219,31 @@ def _count_brpop_answers(worker: CeleryWorker) -> bool:
     _brpop_read.ticks_for = [worker]  # type: ignore[attr-defined]
     channel._brpop_read = _brpop_read
     return True
+
+
+def _reconnect_when_an_ack_fails(worker: CeleryWorker) -> None:
+    """An ack that times out or finds its connection broken is a broker connection that went silent:
+    kombu logs it ("Couldn't ack") and goes on, the message's prefetch credit is never returned, and
+    the next command waits its timeout again. So the first such failure reconnects at once, without
+    waiting for the stall timeout (kombu's ``Message.ack``, wrapped in this process only)."""
+    from kombu.message import Message
+
+    original = Message.ack
+    if getattr(original, "reconnects", False):
+        return
+
+    def ack(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, self.MessageStateError):
+                raise
+            done = worker.reconnect()
+            log.warning("An ack failed (%s: %s); %s", type(exc).__name__, exc, done)
+            raise
+
+    ack.reconnects = True  # type: ignore[attr-defined]
+    Message.ack = ack
 
 
 def reconnect(broker_url: str) -> str:
@@ -244,13 +288,19 @@ def _consumer_ticks(worker: CeleryWorker) -> type:
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             self.entry: Any = None
+            self.last = time.monotonic()
 
         def start(self, consumer: Any) -> None:
             worker.tick()
+            self.last = time.monotonic()
             self.entry = consumer.timer.call_repeatedly(TICK, self.second)
 
         def second(self) -> None:
-            if not worker.answers_read or worker.busy():
+            # A tick that comes late says the loop was blocked (a command waiting on the broker):
+            # it proves nothing, even with a full pool, whose finished tasks wait on that loop.
+            now = time.monotonic()
+            on_time, self.last = now - self.last <= LATE, now
+            if on_time and (not worker.answers_read or worker.busy()):
                 worker.tick()
 
         def stop(self, consumer: Any) -> None:
