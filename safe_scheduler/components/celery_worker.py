@@ -11,11 +11,12 @@ A connection that goes silent (a NAT or load balancer that dropped an idle conne
 failover behind a virtual IP: Celery's #8082, #10205, #10302) gives neither. Measured on stock 3.3.2:
 the event loop waited forever in the PUBLISH of the worker's heartbeat event, then, with socket
 timeouts, in one ack after another, each ack lost, the consumer's prefetch credit never returned,
-and nothing consumed again. So when ``stall_timeout`` passes without a sign, the worker first
-*reconnects*: it shuts down every socket it holds to the broker (``reconnect``), which wakes
-whatever waits on one, and Celery's own recovery opens fresh connections and a fresh channel, with
-its credit back, while running tasks go on. If no sign comes within another ``stall_timeout``, it
-stops as on SIGTERM and exits 4, for its supervisor to start a fresh worker.
+and nothing consumed again. So the worker *reconnects* when an ack fails, or when ``stall_timeout``
+passes without a sign: it shuts down every socket it holds to the broker (``reconnect``), which
+wakes whatever waits on one, and Celery's own recovery opens fresh connections and a fresh channel,
+with its credit back, while running tasks go on. If no sign comes within another
+``stall_timeout``, it stops as on SIGTERM and exits 4, for its supervisor to start a fresh worker.
+A timer tick that comes late (the loop was blocked meanwhile) is no sign, even with a full pool.
 
 Before any of that, the broker connection gets what stock lacks where the user set nothing
 (``socket_timeout``, ``socket_connect_timeout``, TCP keepalive; Redis only), so that no single
