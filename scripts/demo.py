@@ -214,6 +214,7 @@ def run_dag(db: Path, timeout: float) -> str:
 
 def kill_nine(procs: Processes, name: str, cmd: list[str], children: int, timeout: float) -> dict:
     """Start ``cmd``, wait for ``children`` processes below it, ``kill -9`` it, count what is left."""
+    say(f"  {name}: started; kill -9 once its children are up, then what is left is counted (up to 15 s)")
     proc = procs.start(name, cmd)
     wait_for(lambda: proc.poll() is None and len(psutil.Process(proc.pid).children(recursive=True)) >= children,
              timeout, f"{name}'s children")
@@ -245,10 +246,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-fault", action="store_true", help="skip the kill -9 comparison with stock")
     args = parser.parse_args(argv)
 
-    import airflow
+    from importlib.metadata import version
 
-    if not airflow.__version__.startswith("3."):
-        print(f"scripts/demo: error: the demo runs the Airflow 3 family; this venv has {airflow.__version__} "
+    airflow_version = version("apache-airflow")  # not an import: that would read (or write) ~/airflow
+    if not airflow_version.startswith("3."):
+        print(f"scripts/demo: error: the demo runs the Airflow 3 family; this venv has {airflow_version} "
               "(AIRFLOW_VERSION=3.3.2 scripts/demo)", file=sys.stderr)
         return 2
     demo = Path(os.environ.get("DEMO_HOME", ROOT / ".demo")).resolve()
@@ -279,7 +281,7 @@ def main(argv: list[str]) -> int:
     family = ["scheduler", "dag-processor", "triggerer", "api-server"]
     began = time.monotonic()
     try:
-        say(f"Airflow {airflow.__version__} in {home} (logs: {home / 'logs'})")
+        say(f"Airflow {airflow_version} in {home} (logs: {home / 'logs'})")
         say("1/5 airflow-safe-scheduler: sets up the embedded SQLite database, then schedules")
         procs.start("scheduler", [str(BIN / "airflow-safe-scheduler")])
         endpoint = f"http://127.0.0.1:{env['AIRFLOW__SAFE_SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT']}/health"
