@@ -121,6 +121,12 @@ class Component:
         return self.task_parents is not _no_task_parents
 
     @property
+    def drains_by_default(self) -> bool:
+        """Whether its tasks get a fixed cleanup time and the drain the rest of the deadline (the
+        worker), rather than no drain and the rest for the cleanup (``settings.load``, the flags)."""
+        return "task_cleanup_timeout" in self.defaults
+
+    @property
     def prog(self) -> str:
         return f"airflow-safe-{self.name}"
 

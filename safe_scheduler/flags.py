@@ -83,7 +83,7 @@ def _default(component: Component, key: str) -> str:
 
 
 def _add_task_flags(ours: argparse._ArgumentGroup, component: Component) -> None:
-    if "task_cleanup_timeout" in component.defaults:  # drains by default: the rest of the deadline
+    if component.drains_by_default:
         drain_default = "else what --shutdown-timeout leaves after the cleanup"
         cleanup_default = f"{component.defaults['task_cleanup_timeout']:g} (or what the deadline leaves)"
     else:

@@ -147,7 +147,7 @@ def load(cli_overrides: dict[str, str | None], conf, component: Component) -> Se
             f"shutdown_timeout ({values['shutdown_timeout']:g}s): children are stopped within the "
             "shutdown deadline"
         )
-    if "task_cleanup_timeout" in component.defaults:
+    if component.drains_by_default:
         # A component that drains by default (the worker): its tasks' cleanup time is fixed, and the
         # drain is whatever the deadline leaves after it; where the user set one of the two, the
         # other fits in what is left. So any shutdown_timeout works without the other two to match.

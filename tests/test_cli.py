@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import OUR_FLAGS, flags_of, refused, run
+from harness.cli import HIDDEN_FLAGS, OUR_FLAGS, flags_of, refused, run
 from harness.deployment import PYTHON, SAFE, STOCK, Deployment, base_env
 from safe_scheduler import compat
 
@@ -25,7 +25,7 @@ def test_flags_match_installed_airflow_scheduler(home):
     stock_flags, our_flags = flags_of(stock.stdout), flags_of(ours.stdout)
     for flag in ("--num-runs", "--skip-serve-logs", "--daemon", "--pid", "--stdout", "--stderr", "--log-file"):
         assert flag in stock_flags  # the parse itself is sound
-    hidden = {"-d", "--dev"}  # hot reload: refused with one line, so not offered in our --help
+    hidden = HIDDEN_FLAGS
     assert stock_flags - hidden <= our_flags, f"missing: {stock_flags - hidden - our_flags}"
     assert not hidden & our_flags
     assert our_flags - stock_flags == OUR_FLAGS
@@ -44,7 +44,7 @@ def test_component_flags_match_installed_airflow(home, name):
     assert stock.returncode == 0 and ours.returncode == 0, stock.stderr + ours.stderr
     stock_flags, our_flags = flags_of(stock.stdout), flags_of(ours.stdout)
     assert "--daemon" in stock_flags  # the parse itself is sound
-    hidden = {"-d", "--dev"}  # hot reload, where the command has it: refused, so not offered
+    hidden = HIDDEN_FLAGS  # where the command has it
     assert stock_flags - hidden <= our_flags, f"missing: {stock_flags - hidden - our_flags}"
     assert not hidden & our_flags
     # No executor, no tasks: the task drain and cleanup flags are the scheduler's only.

@@ -12,6 +12,10 @@ OUR_FLAGS = {
 }
 
 
+#: Stock flags ours parses (to refuse them with one line) but does not offer: hot reload.
+HIDDEN_FLAGS = {"-d", "--dev"}
+
+
 def flags_of(help_text: str) -> set[str]:
     """The flags of the options listing: lines that start with a flag, up to their description."""
     flags = set()
