@@ -8,8 +8,10 @@ what the tests check.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -79,6 +81,26 @@ def cpu(procs: list[psutil.Process]) -> float:
 def ours(pid: int) -> list[float]:
     """CPU seconds used so far by each of the job process's ``safe-…`` threads."""
     return [seconds for name, seconds in threads_of(pid).values() if name.startswith("safe-")]
+
+
+#: Student's t at 97.5 % for n - 1 degrees of freedom (n = 2 … 16): a 95 % interval of a mean.
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+        11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13}
+
+
+def ratios(label: str, values: list[float]) -> str:
+    """One line on per-pair ratios: their mean with its 95 % interval (what more pairs narrow: the
+    claim), their median and their range (the spread of single pairs, which more pairs do not
+    narrow)."""
+    values = sorted(values)
+    if not values:
+        return f"* {label}: no pair"
+    mean = statistics.fmean(values)
+    line = f"* {label}, safe / stock per pair, {len(values)} pairs: mean {mean:.3f}"
+    if len(values) > 1:
+        half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+        line += f" (95 % interval {mean - half:.3f} … {mean + half:.3f}, ± {100 * half / mean:.1f} %)"
+    return line + (f"; median {statistics.median(values):.3f}; single pairs {values[0]:.3f} … {values[-1]:.3f}")
 
 
 def fmt(value: float | None, limit: float) -> str:

@@ -6,15 +6,16 @@ exception; ``multiprocessing`` then ``join()``s them forever at interpreter exit
 Here they are stopped on every way out of the block (return, exception, ``SystemExit``, signal)
 through ``tree.stop``: all of them at once, within the time the shutdown deadline leaves.
 
-While the job runs, a server that dies (the OOM killer's pick, a crash) is noticed within a
-second: one log line with its exit code or signal, and a metric. Stock Airflow notices nothing, and
-in Kubernetes a running task's log stays dark until the pod is replaced. It is started again after
-a backoff (1 s, doubling up to 60 s while it keeps dying; back to 1 s once it has run for 60 s),
-from the main thread, at the job's next heartbeat: a fork from the main thread is the one that
-gets the death signal, and scheduling never waits for it. One that cannot come back (its port is
-taken) keeps being retried at the longest backoff, with a line and a metric each time, and the
-scheduler keeps scheduling: a log server matters less than the schedule, and a restart of the whole
-scheduler would not free the port either.
+While the job runs, a server that dies (the OOM killer's pick, a crash) is noticed at once: a
+thread waits on the servers' sentinels (within 5 s where the server's own children outlive it and
+hold its sentinel open). One log line with its exit code or signal, and a metric. Stock Airflow
+notices nothing, and in Kubernetes a running task's log stays dark until the pod is replaced. It is
+started again after a backoff (1 s, doubling up to 60 s while it keeps dying; back to 1 s once it
+has run for 60 s), from the main thread, at the job's next heartbeat: a fork from the main thread
+is the one that gets the death signal, and scheduling never waits for it. One that cannot come back
+(its port is taken) keeps being retried at the longest backoff, with a line and a metric each time,
+and the scheduler keeps scheduling: a log server matters less than the schedule, and a restart of
+the whole scheduler would not free the port either.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -38,8 +40,11 @@ from safe_scheduler.prctl import set_death_signal
 
 log = logging.getLogger("safe_scheduler.children")
 
-#: Seconds between two looks at the servers.
-WATCH_INTERVAL = 1.0
+#: Seconds between two looks at the servers' exit codes when no sentinel says anything: a server
+#: whose own children outlive it (they hold its sentinel open) is still noticed.
+SLOW_LOOK = 5.0
+#: Seconds a closed sentinel's process is given to become reapable.
+ZOMBIE_WAIT = 0.5
 #: Seconds to wait before the first restart, doubled for each death in a row, up to the maximum.
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 #: A server that has run this long counts as healthy again: its next death starts the backoff over.
@@ -118,6 +123,16 @@ def stop_all(children: list[ChildProcess], child_stop_timeout: float,
     return outcome
 
 
+def _exitcode(process: multiprocessing.Process, seconds: float) -> int | None:
+    """Its exit code, polled (never a blocking wait) for up to ``seconds``: a process closes its
+    sentinel a moment before the kernel makes it a zombie. None if it is still not reaped (or was
+    reaped by someone else)."""
+    deadline = time.monotonic() + seconds
+    while (exitcode := process.exitcode) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return exitcode
+
+
 class Servers:
     """The servers for the duration of the job: a watcher thread notices deaths, the job's main
     thread restarts them (``restart_due``, called on each heartbeat)."""
@@ -127,6 +142,9 @@ class Servers:
         self.metrics = metrics or Metrics()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        # Wakes the watcher when the set of processes to wait on changes (a restart, the stop).
+        # Non-blocking: a full pipe already means "look again", and nothing here may block.
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def start(self) -> None:
         for child in self.children:
@@ -134,14 +152,29 @@ class Servers:
         if self.children:
             threads.start_daemon("safe-children", self._watch)
 
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"x")
+
+    def _watched(self) -> list[Any]:
+        """The sentinels of the servers that run (not those waiting for their restart), and the pipe."""
+        with self._lock:
+            running = [c.process.sentinel for c in self.children if c.restart_at is None and c.process.pid is not None]
+        return [*running, self._wake_read]
+
     def _watch(self) -> None:
-        while not self._stopping.wait(WATCH_INTERVAL):
+        while not self._stopping.is_set():
+            ready = set(multiprocessing.connection.wait(self._watched(), timeout=SLOW_LOOK))
+            if self._wake_read in ready:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_read, 4096)
             for child in self.children:
                 with self._lock:
                     if self._stopping.is_set() or child.restart_at is not None:
                         continue
-                    exitcode = child.process.exitcode  # polls: reaps a dead child
-                    if exitcode is None:
+                    # A closed sentinel is a server gone: its exit code follows within moments.
+                    exitcode = _exitcode(child.process, ZOMBIE_WAIT if child.process.sentinel in ready else 0.0)
+                    if exitcode is None and child.process.sentinel not in ready:
                         continue
                     lived = time.monotonic() - child.started_at
                     child.deaths = 1 if lived >= STABLE_AFTER else child.deaths + 1
@@ -169,11 +202,13 @@ class Servers:
                     child.restart_at = now + BACKOFF_MAX
                     log.exception("Could not start %s again; next try in %gs", child.name, BACKOFF_MAX)
                     continue
+            self._wake()  # its new sentinel is to be watched
             self.metrics.incr(f"child_restarted.{child.metric_name}")
 
     def stop(self, child_stop_timeout: float, remaining: Callable[[], float] | None = None) -> tree.Outcome:
         """No more restarts; stop every server that runs, together."""
         self._stopping.set()
+        self._wake()
         with self._lock:
             outcome = stop_all(self.children, child_stop_timeout, remaining)
         self.metrics.incr("children_killed", len(outcome.killed))

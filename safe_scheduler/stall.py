@@ -4,7 +4,9 @@ A frozen metadata database (a stopped server, a partition, a failover that leave
 dangling) leaves the scheduler's main thread waiting in the driver forever; it neither works nor
 exits, and supervisors see a live process. We count successful job heartbeats, recorded by the
 main thread itself (no ORM object is read from here), and when none has succeeded for
-``stall_timeout`` seconds we dump the stacks and start the bounded shutdown.
+``stall_timeout`` seconds we dump the stacks and start the bounded shutdown. The watchdog wakes
+only when the timeout can have passed (and each second where metrics are sent, for the gauge): a
+beat is two clock reads in the main thread, and a worker beats every second.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from safe_scheduler.metrics import Metrics
 from safe_scheduler.watchdog import format_all_stacks
 
 log = logging.getLogger("safe_scheduler.stall")
+
+#: Seconds between two ``seconds_since_heartbeat`` gauges, where metrics are on.
+GAUGE_EVERY = 1.0
+#: Seconds past the timeout at which it is looked at (a wait may end a little early).
+LOOK_LATE = 0.05
 
 
 class StallWatchdog:
@@ -59,16 +66,22 @@ class StallWatchdog:
     def seconds_since_heartbeat(self) -> float:
         return time.monotonic() - self._last_beat
 
+    def _next_look(self) -> float:
+        """Seconds until the timeout can have passed: nothing else wakes this thread, unless the
+        gauge below is sent somewhere (then every ``GAUGE_EVERY``)."""
+        until = max(0.0, self.stall_timeout - self.seconds_since_heartbeat()) + LOOK_LATE
+        return min(until, GAUGE_EVERY) if self.metrics.on else until
+
     def _watch(self) -> None:
-        interval = min(1.0, self.stall_timeout / 10)
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self._next_look()):
             silent = self.seconds_since_heartbeat()
             if silent >= self.stall_timeout and self.recover is not None and not self._recovering:
                 self._recover(silent)
             elif silent >= self.stall_timeout:
                 self._stalled(silent)
                 return
-            self.metrics.gauge("seconds_since_heartbeat", silent)
+            if self.metrics.on:
+                self.metrics.gauge("seconds_since_heartbeat", silent)
 
     def _recover(self, silent: float) -> None:
         """The first try: the clock starts again, and only a beat ends the recovery."""

@@ -267,3 +267,39 @@ def test_a_child_that_cannot_be_killed_is_named_with_the_reason():
     assert float(took) < 1.0 + tree.KILL_WAIT + 2
     assert str(child_pid) in unkillable and "permission denied" in unkillable
     assert f"Could not stop pid {child_pid}" in err and "uid 61234" in err, err
+
+
+def _with_lingering_grandchild(pid_queue) -> None:
+    """A server whose own child outlives it: the child holds the server's sentinel open."""
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(600)
+        os._exit(0)
+    pid_queue.put(grandchild)
+    time.sleep(600)
+
+
+@pytest.mark.parametrize("lingering", [False, True], ids=["alone", "its-child-lingers"])
+def test_a_dead_server_is_noticed_and_started_again(lingering):
+    """The watcher waits on the servers' sentinels: a killed server is seen and restarted by
+    ``restart_due``; one whose child keeps its sentinel open is seen by the slow look."""
+    queue = multiprocessing.SimpleQueue()
+    target = (lambda: _with_lingering_grandchild(queue)) if lingering else (lambda: _polite(queue))
+    servers = children.Servers([children.ChildProcess("server", target)])
+    servers.start()
+    child = servers.children[0]
+    grandchild = queue.get() if lingering else None
+    first = child.pid
+    try:
+        if not lingering:
+            queue.get()
+        os.kill(first, signal.SIGKILL)
+        limit = 10 if lingering else 3  # SLOW_LOOK is 5 s
+        wait_for(lambda: child.restart_at is not None, limit, message="the death noticed")
+        wait_for(lambda: (servers.restart_due(), child.pid != first)[1], 10, message="the restart")
+        wait_for(lambda: alive(psutil.Process(child.pid)), 5, message="the new server")
+    finally:
+        servers.stop(child_stop_timeout=1.0)  # the new server, with its own child
+        if grandchild is not None:  # the first server's child, orphaned by its kill
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(grandchild, signal.SIGKILL)

@@ -7,6 +7,7 @@ the metrics on a real statsd listener, the health check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -33,7 +34,12 @@ def _kill_log_server(scheduler, port: int) -> int:
 
 
 def _listener_pids(scheduler, port: int) -> set[int]:
-    return {p.pid for p in scheduler.listening_on(port) if p.ppid() == scheduler.job_pid}
+    found = set()
+    for proc in scheduler.listening_on(port):
+        with contextlib.suppress(psutil.NoSuchProcess):  # the killed one, gone since it was listed
+            if proc.ppid() == scheduler.job_pid:
+                found.add(proc.pid)
+    return found
 
 
 def test_killed_log_server_is_listening_again(deployment, statsd):  # noqa: F811

@@ -1,26 +1,7 @@
 """``airflow celery worker``: where CeleryExecutor (the official chart's default) runs every task.
 
-It is not an Airflow job: no job row, no heartbeat. What proves it works is that its consumer
-consumes. On Redis, kombu's consumer asks the broker for a message with a BRPOP that the server
-answers within a second, with a message or with nothing; each answer read is a sign of progress.
-When every pool process is running a task the consumer asks for nothing, on purpose: each second of
-that is a sign too. Other transports have no such reply: there, each tick of the consumer's event
-loop counts (RabbitMQ's own heartbeats catch its dead connections).
-
-A connection that goes silent (a NAT or load balancer that dropped an idle connection, a Redis
-failover behind a virtual IP: Celery's #8082, #10205, #10302) gives neither. Measured on stock 3.3.2:
-the event loop waited forever in the PUBLISH of the worker's heartbeat event, then, with socket
-timeouts, in one ack after another, each ack lost, the consumer's prefetch credit never returned,
-and nothing consumed again. So the worker *reconnects* when an ack fails, or when ``stall_timeout``
-passes without a sign: it shuts down every socket it holds to the broker (``reconnect``), which
-wakes whatever waits on one, and Celery's own recovery opens fresh connections and a fresh channel,
-with its credit back, while running tasks go on. If no sign comes within another
-``stall_timeout``, it stops as on SIGTERM and exits 4, for its supervisor to start a fresh worker.
-A timer tick that comes late (the loop was blocked meanwhile) is no sign, even with a full pool.
-
-Before any of that, the broker connection gets what stock lacks where the user set nothing
-(``socket_timeout``, ``socket_connect_timeout``, TCP keepalive; Redis only), so that no single
-command waits forever.
+It is not an Airflow job: no job row, no heartbeat. Its heartbeat is consumption, whose signs and
+whose reconnect live in ``celery_consumption``; a worker with neither exits 4.
 
 Tasks run in children of the pool's processes (on 3.x the pool process supervises the task
 process; on 2.x it starts ``airflow tasks run --local``): those are the tasks that get the drain,
@@ -35,34 +16,17 @@ pool and a DB pre-check), the stale-bundle cleanup process (3.x).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
 from safe_scheduler import compat
 from safe_scheduler.component import Component, Server
+from safe_scheduler.components.celery_consumption import (
+    BROKER_CONNECT_TIMEOUT, Consumption, broker_timeouts,
+)
 from safe_scheduler.settings import UsageError
-
-log = logging.getLogger("safe_scheduler.celery_worker")
-
-#: Seconds between two ticks of the consumer loop (a kombu timer entry: nothing runs outside the loop).
-TICK = 1.0
-#: A tick this late (seconds since the one before) says the event loop was blocked meanwhile.
-LATE = 2.5 * TICK
-#: Seconds a synchronous command on a broker socket may wait for its reply (Redis): far above a
-#: healthy reply (milliseconds), far below the stall timeout. An ack that runs out of it means
-#: the connection is gone: the worker reconnects at once (``_reconnect_when_an_ack_fails``).
-BROKER_SOCKET_TIMEOUT = 10.0
-#: Seconds between two reconnects at most (an ack failing after one must not undo it).
-RECONNECT_GAP = 10.0
-#: Seconds a new broker connection may take.
-BROKER_CONNECT_TIMEOUT = 10.0
-#: URL schemes of kombu's Redis transport, whose connections take the options above.
-REDIS_SCHEMES = ("redis://", "rediss://", "sentinel://", "redis+socket://")
 
 
 def find_command() -> Any:
@@ -140,18 +104,9 @@ class CeleryWorker:
     def __init__(self, app: Any, options: list[str]) -> None:
         self.app = app
         self.options = options
-        self.on_tick: list[Callable[[], None]] = []
         self.pool: Any = None  # the WorkController's pool, once it has started
-        self.reconnected_at = -RECONNECT_GAP
-        app.steps["consumer"].add(_consumer_ticks(self))
+        self.consumption = Consumption(app, self.pool_size)
         app.steps["worker"].add(_pool_seen(self))
-        self.answers_read = _count_brpop_answers(self) if _on_redis(app) else False
-        if self.answers_read:
-            _reconnect_when_an_ack_fails(self)
-
-    def tick(self) -> None:
-        for callback in self.on_tick:
-            callback()
 
     def run(self) -> None:
         """Celery's ``worker_main``, keeping the worker's exit code (``worker_main`` drops it)."""
@@ -159,159 +114,18 @@ class CeleryWorker:
         if code:
             raise SystemExit(code)
 
+    def pool_size(self) -> int:
+        try:
+            return int(self.pool.num_processes or 0)
+        except Exception:  # noqa: BLE001 - no pool yet
+            return 0
+
     def pool_pids(self) -> set[int]:
         """The pool's processes (prefork); none for the threads, solo, eventlet and gevent pools."""
         try:
             return {p.pid for p in list(self.pool._pool._pool) if isinstance(getattr(p, "pid", None), int)}
         except Exception:  # noqa: BLE001 - not a process pool, or not started yet
             return set()
-
-    def busy(self) -> bool:
-        """Every pool process runs a task, so the consumer asks the broker for nothing, on purpose."""
-        from celery.worker import state
-
-        try:
-            size = self.pool.num_processes
-        except Exception:  # noqa: BLE001 - no pool yet
-            return False
-        return bool(size) and len(state.active_requests) >= size
-
-    def reconnect(self) -> str:
-        """Shut down every TCP socket this process holds to the broker: whatever waits on one wakes
-        with an error, and Celery's recovery opens fresh connections. Returns what was done.
-
-        At most once per ``RECONNECT_GAP``: the acks that fail because of the first reconnect must
-        not shut down the connections that Celery has just opened."""
-        now = time.monotonic()
-        if now - self.reconnected_at < RECONNECT_GAP:
-            return f"reconnected {now - self.reconnected_at:.1f}s ago"
-        self.reconnected_at = now
-        return reconnect(str(self.app.conf.broker_url or ""))
-
-
-def _on_redis(app: Any) -> bool:
-    return str(app.conf.broker_url or "").startswith(REDIS_SCHEMES)
-
-
-def _count_brpop_answers(worker: CeleryWorker) -> bool:
-    """Each BRPOP answer the consumer reads (a message or none) ticks: kombu's Redis channel, wrapped
-    in this process only (the worker is the one consumer here)."""
-    from queue import Empty
-
-    from kombu.transport import redis as kombu_redis
-
-    channel = kombu_redis.Channel
-    original = channel._brpop_read
-    if getattr(original, "ticks_for", None) is not None:
-        original.ticks_for.append(worker)
-        return True
-
-    def _brpop_read(self: Any, **options: Any) -> Any:
-        try:
-            result = original(self, **options)
-        except Empty:  # an answer with no message is still an answer
-            for each in _brpop_read.ticks_for:
-                each.tick()
-            raise
-        for each in _brpop_read.ticks_for:
-            each.tick()
-        return result
-
-    _brpop_read.ticks_for = [worker]  # type: ignore[attr-defined]
-    channel._brpop_read = _brpop_read
-    return True
-
-
-def _reconnect_when_an_ack_fails(worker: CeleryWorker) -> None:
-    """An ack that times out or finds its connection broken is a broker connection that went silent:
-    kombu logs it ("Couldn't ack") and goes on, the message's prefetch credit is never returned, and
-    the next command waits its timeout again. So the first such failure reconnects at once, without
-    waiting for the stall timeout (kombu's ``Message.ack``, wrapped in this process only)."""
-    from kombu.message import Message
-
-    original = Message.ack
-    if getattr(original, "reconnects", False):
-        return
-
-    def ack(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(self, *args, **kwargs)
-        except Exception as exc:
-            if isinstance(exc, self.MessageStateError):
-                raise
-            done = worker.reconnect()
-            log.warning("An ack failed (%s: %s); %s", type(exc).__name__, exc, done)
-            raise
-
-    ack.reconnects = True  # type: ignore[attr-defined]
-    Message.ack = ack
-
-
-def reconnect(broker_url: str) -> str:
-    """``CeleryWorker.reconnect`` for ``broker_url``: the sockets are found by their peer address."""
-    import socket
-
-    import psutil
-    from kombu import Connection
-
-    try:
-        connection = Connection(broker_url.split(";")[0])
-        host, port = connection.hostname or "localhost", int(connection.port or connection.default_port or 0)
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except Exception as exc:  # noqa: BLE001 - nothing to reconnect to: the stop follows
-        return f"cannot tell the broker's address ({type(exc).__name__}: {exc})"
-    shut = 0
-    me = psutil.Process()
-    connections = getattr(me, "net_connections", None) or me.connections  # psutil < 6 has only the latter
-    for conn in connections(kind="tcp"):
-        if not conn.raddr or conn.fd < 0 or conn.raddr.port != port or conn.raddr.ip not in addresses:
-            continue
-        try:
-            sock = socket.socket(fileno=os.dup(conn.fd))
-        except OSError:
-            continue
-        with suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-        shut += 1
-    return f"shut down {shut} connection(s) to the broker at {host}:{port}"
-
-
-def _consumer_ticks(worker: CeleryWorker) -> type:
-    """A consumer bootstep, running while the consumer consumes (Celery stops it when the connection
-    is lost and starts it again once it is back), that ticks every ``TICK`` seconds from the event
-    loop while the pool is full (on Redis), or always (elsewhere)."""
-    from celery import bootsteps
-
-    class ConsumerTicks(bootsteps.StartStopStep):
-        requires = ("celery.worker.consumer.tasks:Tasks",)
-
-        def __init__(self, parent: Any, **kwargs: Any) -> None:
-            super().__init__(parent, **kwargs)
-            self.entry: Any = None
-            self.last = time.monotonic()
-
-        def start(self, consumer: Any) -> None:
-            worker.tick()
-            self.last = time.monotonic()
-            self.entry = consumer.timer.call_repeatedly(TICK, self.second)
-
-        def second(self) -> None:
-            # A tick that comes late says the loop was blocked (a command waiting on the broker):
-            # it proves nothing, even with a full pool, whose finished tasks wait on that loop.
-            now = time.monotonic()
-            on_time, self.last = now - self.last <= LATE, now
-            if on_time and (not worker.answers_read or worker.busy()):
-                worker.tick()
-
-        def stop(self, consumer: Any) -> None:
-            if self.entry is not None:
-                self.entry.cancel()
-                self.entry = None
-
-        shutdown = stop
-
-    return ConsumerTicks
 
 
 def _pool_seen(worker: CeleryWorker) -> type:
@@ -325,23 +139,6 @@ def _pool_seen(worker: CeleryWorker) -> type:
             worker.pool = controller.pool
 
     return PoolSeen
-
-
-def broker_timeouts(app: Any) -> dict[str, Any]:
-    """Timeouts and keepalives for the Redis broker connections, where the user set none; returns
-    what was added. Other transports are left as configured (RabbitMQ has its heartbeats)."""
-    if not _on_redis(app):
-        return {}
-    options = dict(app.conf.broker_transport_options or {})
-    added = {
-        key: value
-        for key, value in (("socket_timeout", BROKER_SOCKET_TIMEOUT), ("socket_connect_timeout", BROKER_CONNECT_TIMEOUT),
-                           ("socket_keepalive", True))
-        if key not in options
-    }
-    options.update(added)
-    app.conf.broker_transport_options = options
-    return added
 
 
 def _celery_app(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -466,11 +263,11 @@ def check_broker(args: argparse.Namespace) -> None:
 
 
 def on_progress(worker: CeleryWorker, callback: Callable[[], None]) -> None:
-    worker.on_tick.append(callback)
+    worker.consumption.on_sign.append(callback)
 
 
 def recover(worker: CeleryWorker) -> str:
-    return worker.reconnect()
+    return worker.consumption.reconnect()
 
 
 def daemon_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,259 @@
+"""Whether a Celery worker consumes: the signs of it, and the reconnect that answers their absence.
+
+It is not an Airflow job: no job row, no heartbeat. What proves it works is that its consumer
+consumes. On Redis, kombu's consumer asks the broker for a message with a BRPOP that the server
+answers within a second, with a message or with nothing; each answer read is a sign. When every
+pool process is running a task the consumer asks for nothing, on purpose: then a timer of the
+consumer's event loop gives a sign every ``TICK`` seconds, if it comes on time. The timer runs only
+while the pool is full: at other times each of its wake-ups would be a loop turn of its own, the
+worker's main cost at rest. Other transports have no such reply: there, the timer always runs and
+each tick counts (RabbitMQ's own heartbeats catch its dead connections).
+
+A connection that goes silent (a NAT or load balancer that dropped an idle connection, a Redis
+failover behind a virtual IP: Celery's #8082, #10205, #10302) gives neither. Measured on stock 3.3.2:
+the event loop waited forever in the PUBLISH of the worker's heartbeat event, then, with socket
+timeouts, in one ack after another, each ack lost, the consumer's prefetch credit never returned,
+and nothing consumed again. So the worker *reconnects* when an ack fails, or when ``stall_timeout``
+passes without a sign (the stall watchdog's ``recover``): it shuts down every socket it holds to
+the broker, which wakes whatever waits on one, and Celery's own recovery opens fresh connections
+and a fresh channel, with its credit back, while running tasks go on. If no sign comes within
+another ``stall_timeout``, the stall follows: the worker stops as on SIGTERM and exits 4, for its
+supervisor to start a fresh one. A timer tick that comes late (the loop was blocked meanwhile) is
+no sign, even with a full pool.
+
+Before any of that, the broker connection gets what stock lacks where the user set nothing
+(``socket_timeout``, ``socket_connect_timeout``, TCP keepalive; Redis only), so that no single
+command waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+log = logging.getLogger("safe_scheduler.celery_worker")
+
+#: Seconds between two ticks of the consumer loop while the pool is full (a kombu timer entry:
+#: nothing runs outside the loop).
+TICK = 2.0
+#: A tick this late (seconds since the one before) says the event loop was blocked meanwhile: half
+#: of ``BROKER_SOCKET_TIMEOUT``, so that one command waiting out its timeout is always seen.
+LATE = 2.5 * TICK
+#: Seconds a synchronous command on a broker socket may wait for its reply (Redis): far above a
+#: healthy reply (milliseconds), far below the stall timeout. An ack that runs out of it means
+#: the connection is gone: the worker reconnects at once (``_reconnect_when_an_ack_fails``).
+BROKER_SOCKET_TIMEOUT = 10.0
+#: Seconds between two reconnects at most (an ack failing after one must not undo it).
+RECONNECT_GAP = 10.0
+#: Seconds a new broker connection may take.
+BROKER_CONNECT_TIMEOUT = 10.0
+#: URL schemes of kombu's Redis transport, whose connections take the options above.
+REDIS_SCHEMES = ("redis://", "rediss://", "sentinel://", "redis+socket://")
+
+
+def on_redis(app: Any) -> bool:
+    return str(app.conf.broker_url or "").startswith(REDIS_SCHEMES)
+
+
+class Consumption:
+    """The signs of consumption of one Celery app's worker, handed to ``on_sign``'s callbacks; set up
+    before the worker starts (a consumer bootstep, and kombu wrapped in this process only)."""
+
+    def __init__(self, app: Any, pool_size: Callable[[], int]) -> None:
+        self.app = app
+        #: Processes in the worker's pool (0 before it exists).
+        self.pool_size = pool_size
+        self.on_sign: list[Callable[[], None]] = []
+        self.reconnected_at = -RECONNECT_GAP
+        #: Whether BRPOP answers are counted (Redis); elsewhere every tick counts.
+        self.answers_read = on_redis(app)
+        app.steps["consumer"].add(_consumer_ticks(self))
+        if self.answers_read:
+            _count_brpop_answers(self)
+            _reconnect_when_an_ack_fails(self)
+
+    def sign(self) -> None:
+        for callback in self.on_sign:
+            callback()
+
+    def busy(self) -> bool:
+        """Every pool process runs a task, so the consumer asks the broker for nothing, on purpose."""
+        from celery.worker import state
+
+        size = self.pool_size()
+        return bool(size) and len(state.active_requests) >= size
+
+    def reconnect(self) -> str:
+        """Shut down every TCP socket this process holds to the broker: whatever waits on one wakes
+        with an error, and Celery's recovery opens fresh connections. Returns what was done.
+
+        At most once per ``RECONNECT_GAP``: the acks that fail because of the first reconnect must
+        not shut down the connections that Celery has just opened."""
+        now = time.monotonic()
+        if now - self.reconnected_at < RECONNECT_GAP:
+            return f"reconnected {now - self.reconnected_at:.1f}s ago"
+        self.reconnected_at = now
+        return reconnect(str(self.app.conf.broker_url or ""))
+
+
+def _count_brpop_answers(consumption: Consumption) -> None:
+    """Each BRPOP answer the consumer reads (a message or none) is a sign: kombu's Redis channel,
+    wrapped in this process only (the worker is the one consumer here)."""
+    from queue import Empty
+
+    from kombu.transport import redis as kombu_redis
+
+    channel = kombu_redis.Channel
+    original = channel._brpop_read
+    if getattr(original, "signs_for", None) is not None:
+        original.signs_for.append(consumption)
+        return
+
+    def _brpop_read(self: Any, **options: Any) -> Any:
+        try:
+            result = original(self, **options)
+        except Empty:  # an answer with no message is still an answer
+            for each in _brpop_read.signs_for:
+                each.sign()
+            raise
+        for each in _brpop_read.signs_for:
+            each.sign()
+        return result
+
+    _brpop_read.signs_for = [consumption]  # type: ignore[attr-defined]
+    channel._brpop_read = _brpop_read
+
+
+def _reconnect_when_an_ack_fails(consumption: Consumption) -> None:
+    """An ack that times out or finds its connection broken is a broker connection that went silent:
+    kombu logs it ("Couldn't ack") and goes on, the message's prefetch credit is never returned, and
+    the next command waits its timeout again. So the first such failure reconnects at once, without
+    waiting for the stall timeout (kombu's ``Message.ack``, wrapped in this process only)."""
+    from kombu.message import Message
+
+    original = Message.ack
+    if getattr(original, "reconnects", False):
+        return
+
+    def ack(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, self.MessageStateError):
+                raise
+            done = consumption.reconnect()
+            log.warning("An ack failed (%s: %s); %s", type(exc).__name__, exc, done)
+            raise
+
+    ack.reconnects = True  # type: ignore[attr-defined]
+    Message.ack = ack
+
+
+def reconnect(broker_url: str) -> str:
+    """``Consumption.reconnect`` for ``broker_url``: the sockets are found by their peer address."""
+    import socket
+
+    import psutil
+    from kombu import Connection
+
+    try:
+        connection = Connection(broker_url.split(";")[0])
+        host, port = connection.hostname or "localhost", int(connection.port or connection.default_port or 0)
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except Exception as exc:  # noqa: BLE001 - nothing to reconnect to: the stop follows
+        return f"cannot tell the broker's address ({type(exc).__name__}: {exc})"
+    shut = 0
+    me = psutil.Process()
+    connections = getattr(me, "net_connections", None) or me.connections  # psutil < 6 has only the latter
+    for conn in connections(kind="tcp"):
+        if not conn.raddr or conn.fd < 0 or conn.raddr.port != port or conn.raddr.ip not in addresses:
+            continue
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fd))
+        except OSError:
+            continue
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        shut += 1
+    return f"shut down {shut} connection(s) to the broker at {host}:{port}"
+
+
+def _consumer_ticks(consumption: Consumption) -> type:
+    """A consumer bootstep, running while the consumer consumes (Celery stops it when the connection
+    is lost and starts it again once it is back), that ticks every ``TICK`` seconds from the event
+    loop while the pool is full (on Redis: the loop's ``on_tick`` starts and stops the timer), or
+    always (elsewhere, or without an event loop)."""
+    from celery import bootsteps
+
+    class ConsumerTicks(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.entry: Any = None
+            self.timer: Any = None
+            self.hub: Any = None
+            self.last = time.monotonic()
+
+        def start(self, consumer: Any) -> None:
+            consumption.sign()
+            self.timer = consumer.timer
+            self.hub = getattr(consumer, "hub", None)
+            if consumption.answers_read and self.hub is not None:
+                self.hub.on_tick.add(self.follow_pool)
+            else:
+                self._start_timer()
+
+        def _start_timer(self) -> None:
+            self.last = time.monotonic()
+            self.entry = self.timer.call_repeatedly(TICK, self.second)
+
+        def follow_pool(self) -> None:
+            """Each turn of the loop: the timer runs exactly while the pool is full."""
+            if consumption.busy():
+                if self.entry is None:
+                    self._start_timer()
+            elif self.entry is not None:
+                self.entry.cancel()
+                self.entry = None
+
+        def second(self) -> None:
+            # A tick that comes late says the loop was blocked (a command waiting on the broker):
+            # it proves nothing, even with a full pool, whose finished tasks wait on that loop.
+            now = time.monotonic()
+            on_time, self.last = now - self.last <= LATE, now
+            if on_time and (not consumption.answers_read or consumption.busy()):
+                consumption.sign()
+
+        def stop(self, consumer: Any) -> None:
+            if self.hub is not None:
+                self.hub.on_tick.discard(self.follow_pool)
+            if self.entry is not None:
+                self.entry.cancel()
+                self.entry = None
+
+        shutdown = stop
+
+    return ConsumerTicks
+
+
+def broker_timeouts(app: Any) -> dict[str, Any]:
+    """Timeouts and keepalives for the Redis broker connections, where the user set none; returns
+    what was added. Other transports are left as configured (RabbitMQ has its heartbeats)."""
+    if not on_redis(app):
+        return {}
+    options = dict(app.conf.broker_transport_options or {})
+    added = {
+        key: value
+        for key, value in (("socket_timeout", BROKER_SOCKET_TIMEOUT), ("socket_connect_timeout", BROKER_CONNECT_TIMEOUT),
+                           ("socket_keepalive", True))
+        if key not in options
+    }
+    options.update(added)
+    app.conf.broker_transport_options = options
+    return added
