@@ -291,7 +291,7 @@ COMPONENT = Component(
     # behind it (8 s) and our parent's last sweep (5 s) fit in the rest. The tasks' cleanup (on_kill,
     # on_termination) gets 60 s, and the drain whatever is left once that, the children's stop and
     # the kills are paid: 518 s by default, less under a shorter shutdown_timeout (settings.load),
-    # never a refusal. No heartbeat of Airflow's to derive the stall timeout from: 60 s, four times
+    # never a refusal. No heartbeat of Airflow's to derive the stall timeout from: 60 s, six times
     # BROKER_SOCKET_TIMEOUT, so one command's timeout comes first.
     defaults={"shutdown_timeout": 585.0, "task_cleanup_timeout": 60.0, "stall_timeout": 60.0},
     run=CeleryWorker.run,
