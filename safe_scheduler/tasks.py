@@ -22,6 +22,10 @@ is left by an exception (Airflow's task timeout included); never on success. The
 was installed before runs, exactly as if we were not there. Nested blocks run innermost first;
 within a block, the last added runs first. Each cleanup runs at most once, even on a second
 signal; each is bounded by ``timeout`` seconds; an error in one is logged and the others still run.
+
+A cleanup added after the signal came runs at once. The signal can land while the call that starts
+the job is still waiting for its id, and Airflow 3's handler only calls ``on_kill``: the task goes
+on, learns the id, and adds its cancel to a block that has already been stopped.
 """
 
 from __future__ import annotations
@@ -74,35 +78,45 @@ class on_termination(contextlib.ContextDecorator):  # noqa: N801 - reads as a ph
             raise ValueError(f"timeout must be more than zero seconds, got {timeout!r}")
         self.timeout = timeout
         self._initial = (cleanup, args, kwargs)
-        self._cleanups: list[tuple[str, Callable[[], Any]]] = []
-        self._ran = False
+        self._cleanups: list[tuple[str, Callable[[], Any]]] = []  # not run yet; taken off as they run
+        self._stopped_by: str | None = None  # why the cleanups ran: set once, never cleared in a block
         self._lock = threading.Lock()
         self._previous: dict[int, Any] = {}
 
     def add(self, cleanup: Callable[..., Any], *args: Any, **kwargs: Any) -> on_termination:
-        """Register ``cleanup(*args, **kwargs)``; cleanups added later run first."""
+        """Register ``cleanup(*args, **kwargs)``; cleanups added later run first.
+
+        Added after the block was stopped, it runs now: the job it cancels was started too late
+        to be cancelled with the others, and nobody else would cancel it.
+        """
         name = getattr(cleanup, "__qualname__", repr(cleanup))
         self._cleanups.append((name, functools.partial(cleanup, *args, **kwargs)))
+        if self._stopped_by is not None:
+            log.warning("Task already stopped (%s): running cleanup %s now", self._stopped_by, name)
+            self._run_pending()
         return self
 
     def run_cleanups(self, why: str) -> None:
         """Run every registered cleanup once, last added first, each bounded by the timeout."""
+        if self._stopped_by is None:
+            self._stopped_by = why
+            if self._cleanups:
+                log.warning("Task stopped (%s): running %d cleanup(s)", why, len(self._cleanups))
+        self._run_pending()
+
+    def _run_pending(self) -> None:
+        """Take each cleanup off the list before running it, so that none runs twice."""
         # Never wait for the lock: a second signal runs this handler again in the same thread, on
-        # top of the first, and a blocking acquire there would deadlock. Whoever holds it is the one
-        # running the cleanups.
+        # top of the first, and a blocking acquire there would deadlock. Whoever holds it is below
+        # us on this stack and runs whatever is still on the list once we return.
         if not self._lock.acquire(blocking=False):
             return
         try:
-            if self._ran:
-                return
-            self._ran = True
-            cleanups = list(reversed(self._cleanups))
+            while self._cleanups:
+                name, cleanup = self._cleanups.pop()
+                _run_bounded(cleanup, name, self.timeout)
         finally:
             self._lock.release()
-        if cleanups:
-            log.warning("Task stopped (%s): running %d cleanup(s)", why, len(cleanups))
-        for name, cleanup in cleanups:
-            _run_bounded(cleanup, name, self.timeout)
 
     # -- signals ---------------------------------------------------------------------------------
 
@@ -120,7 +134,7 @@ class on_termination(contextlib.ContextDecorator):  # noqa: N801 - reads as a ph
     # -- context manager -------------------------------------------------------------------------
 
     def __enter__(self) -> on_termination:
-        self._ran = False
+        self._stopped_by = None
         self._cleanups = []
         cleanup, args, kwargs = self._initial
         if cleanup is not None:

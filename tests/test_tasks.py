@@ -63,7 +63,7 @@ DAG_FILE = """
 
     def run_job(mode):
         with on_termination(timeout=2) as stop:
-            job = call("POST", "/jobs")["id"]
+            job = call("POST", "/jobs?slow=3" if mode == "slow-start" else "/jobs")["id"]
             if mode == "hanging-cleanup":
                 stop.add(cancel, job)          # added first, runs last: after the hang is cut off
                 stop.add(hang_forever, job)
@@ -80,7 +80,7 @@ DAG_FILE = """
 
 
     with DAG("external_jobs", schedule=None, start_date=datetime(2026, 1, 1), catchup=False):
-        for mode in ("wait", "fail", "succeed", "hanging-cleanup"):
+        for mode in ("wait", "fail", "succeed", "hanging-cleanup", "slow-start"):
             RecordingOperator(task_id=mode.replace("-", "_"), python_callable=run_job, op_args=[mode])
         RecordingOperator(
             task_id="timeout", python_callable=run_job, op_args=["wait"],
@@ -191,6 +191,20 @@ def test_double_sigterm_cancels_once(run_task, service):
     assert run.state() == "failed"
 
 
+def test_sigterm_while_the_job_starts_cancels_it_once_its_id_is_known(run_task, service):
+    """Airflow 3's handler only calls on_kill, so the task goes on: the cancel added after the signal
+    must run at once (this race, hit by chance, once left a CI run's task running forever)."""
+    run = run_task("slow_start")
+    wait_for(lambda: service.count("/jobs?slow") == 1 or run.popen.poll() is not None, 120,
+             message="the task to ask for its external job")
+    run.popen.send_signal(signal.SIGTERM)  # the service answers 3 s after the call came
+    run.finish(60)
+    assert service.count("/events/on_kill/slow_start") == 1  # the signal came inside the block
+    assert service.jobs == {1: "cancelled"}
+    assert service.count("/jobs/1/cancel") == 1
+    assert run.state() == "failed", run.output()[-3000:]
+
+
 def test_execution_timeout_cancels_the_job(run_task, service):
     run = run_task("timeout")
     run.finish(120)
@@ -248,6 +262,29 @@ UNIT_SCRIPT = """
     assert signal.getsignal(signal.SIGTERM) is airflow_handler, "handler not restored"
     print(",".join(order))
 """
+
+
+LATE_ADD_SCRIPT = """
+    import os, signal
+    from safe_scheduler.tasks import on_termination
+
+    order = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: order.append("airflow"))
+
+    with on_termination(order.append, "first") as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        order.append("went on")
+        stop.add(order.append, "late")
+        os.kill(os.getpid(), signal.SIGTERM)
+    print(",".join(order))
+"""
+
+
+def test_cleanup_added_after_the_signal_runs_at_once_and_once():
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(LATE_ADD_SCRIPT)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "first,airflow,went on,late,airflow"
 
 
 def test_nested_blocks_run_innermost_first_once_and_restore_the_handler():

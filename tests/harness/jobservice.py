@@ -1,13 +1,15 @@
 """A stand-in for an external job service (a cloud job API) on loopback, for task tests.
 
 POST /jobs starts a job, GET /jobs/N reads its state, POST /jobs/N/cancel cancels it; every call
-is recorded, so a test can count starts and cancels from outside the task.
+is recorded, so a test can count starts and cancels from outside the task. POST /jobs?slow=S records
+the call at once and answers S seconds later: a start still waiting for its job's id.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -31,9 +33,11 @@ class JobService:
                 self.wfile.write(data)
 
             def do_POST(self) -> None:
-                parts = self.path.strip("/").split("/")
+                path, _, query = self.path.partition("?")
+                parts = path.strip("/").split("/")
                 service.calls.append(self.path)
                 if parts == ["jobs"]:
+                    time.sleep(float(query.removeprefix("slow=") or 0))
                     job = len(service.jobs) + 1
                     service.jobs[job] = "running"
                     self._reply({"id": job})
