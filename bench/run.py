@@ -42,6 +42,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-celery", action="store_true", help="skip the CeleryExecutor run")
     parser.add_argument("--no-worker", action="store_true",
                         help="skip the Celery worker's own run (stock vs safe worker: throughput, probe, faults)")
+    parser.add_argument("--worker-overhead-only", action="store_true",
+                        help="the Celery worker's throughput and CPU pairs alone (no probe, silence or stops)")
     parser.add_argument("--worker-window", type=float, default=60.0,
                         help="seconds of the Celery worker's throughput and CPU window, per run (default 60)")
     parser.add_argument("--no-flood", action="store_true", help="skip the liveness endpoint under a flood")

@@ -155,20 +155,31 @@ def test_bad_input_is_one_line_and_exit_2(home, args, expect):
     assert expect in refused(run(SAFE_WORKER + args, _celery_env(home)), "airflow-safe-celery-worker")
 
 
-def test_sigquit_during_the_drain_stops_now(celery_deployment, postgres):
-    """Celery's cold shutdown: SIGTERM starts a long drain; SIGQUIT ends it at once, and the running
-    tasks get SIGTERM and their cleanup time (10 s here; a sleeping PythonOperator has no ``on_kill``
-    that ends it, so it is killed after that) instead of being waited for."""
+def test_a_full_pool_is_no_stall_and_sigquit_during_the_drain_stops_now(celery_deployment, postgres):
+    """Two long tasks fill a pool of two, so the consumer asks the broker for nothing, on purpose: for
+    more than twice ``stall_timeout`` the worker neither reconnects (its relay to Redis accepts no new
+    connection) nor stops. Then Celery's cold shutdown: SIGTERM starts a long drain; SIGQUIT ends it
+    at once, and the running tasks get SIGTERM and their cleanup time (10 s here; a sleeping
+    PythonOperator has no ``on_kill`` that ends it, so it is killed after that) instead of being
+    waited for."""
     dep = celery_deployment
-    marks = busy(dep, dags=2, tasks=2, seconds=120, worker=False)
-    worker = dep.worker("--shutdown-timeout", "200", "--task-drain-timeout", "150", "--task-cleanup-timeout", "10")
-    scheduler_up(dep, postgres)
-    wait_for(lambda: len((marks / "starts").read_text().splitlines()) >= 2 if (marks / "starts").exists() else False,
-             180, interval=0.5, message="tasks to start")
-    sent = worker.signal(signal.SIGTERM)
-    assert worker.wait_exit(5) is None  # draining: the tasks have two minutes to go
-    worker.signal(signal.SIGQUIT)
-    code, took = assert_exits(worker, sent, 200 + MARGIN)
-    assert code == 0, worker.log()[-4000:]
-    assert took < 5 + 10 + 15, f"took {took:.1f}s: the drain (150 s) was not cut short"
-    assert_no_orphans(worker)
+    relay = SilenceableRelay(dep.redis.port)
+    try:
+        marks = busy(dep, dags=2, tasks=2, seconds=120, worker=False)
+        worker = dep.worker("--shutdown-timeout", "200", "--task-drain-timeout", "150", "--task-cleanup-timeout", "10",
+                            "--stall-timeout", "8", concurrency=2, AIRFLOW__CELERY__BROKER_URL=relay.url())
+        scheduler_up(dep, postgres)
+        wait_for(lambda: len((marks / "starts").read_text().splitlines()) >= 2 if (marks / "starts").exists() else False,
+                 180, interval=0.5, message="tasks to start")
+        accepted = relay.accepted
+        assert worker.wait_exit(2 * 8 + 2) is None, worker.log()[-3000:]
+        assert relay.accepted == accepted, f"the worker reconnected with a full pool:\n{worker.log()[-3000:]}"
+        sent = worker.signal(signal.SIGTERM)
+        assert worker.wait_exit(5) is None  # draining: the tasks have two minutes to go
+        worker.signal(signal.SIGQUIT)
+        code, took = assert_exits(worker, sent, 200 + MARGIN)
+        assert code == 0, worker.log()[-4000:]
+        assert took < 5 + 10 + 15, f"took {took:.1f}s: the drain (150 s) was not cut short"
+        assert_no_orphans(worker)
+    finally:
+        relay.close()

@@ -72,7 +72,7 @@ def _child_cpu_and_wall(cmd: list[str], env: dict) -> tuple[float, float, int]:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall, done.returncode
 
 
-def run(lab: Lab, stock: bool, warmup: float, window: float) -> dict:
+def run(lab: Lab, stock: bool, warmup: float, window: float, faults: bool = True) -> dict:
     dep, server = lab.deployment()
     redis = RedisServer(dep.home.parent / "redis").start()
     relay = SilenceableRelay(redis.port)
@@ -88,6 +88,10 @@ def run(lab: Lab, stock: bool, warmup: float, window: float) -> dict:
         first, cpu, tree = succeeded(server), _cpu(main), _tree_cpu(worker.pid)
         time.sleep(window)  # the measurement window
         done, cpu, tree = succeeded(server) - first, _cpu(main) - cpu, _tree_cpu(worker.pid) - tree
+        overhead = {"tis_per_s": done / window, "worker_cpu_s_per_1000": cpu * 1000 / max(done, 1),
+                    "worker_tree_cpu_s_per_1000": tree * 1000 / max(done, 1)}
+        if not faults:
+            return overhead
 
         probe_env = dict(dep.env, AIRFLOW__CELERY__BROKER_URL=redis.url)
         if stock:  # the chart's worker probe, as its template runs it (without the image's entrypoint)
@@ -108,8 +112,7 @@ def run(lab: Lab, stock: bool, warmup: float, window: float) -> dict:
             resumed = starts[0] - silenced
         except AssertionError:
             resumed = math.inf
-        return {"tis_per_s": done / window, "worker_cpu_s_per_1000": cpu * 1000 / max(done, 1),
-                "worker_tree_cpu_s_per_1000": tree * 1000 / max(done, 1),
+        return {**overhead,
                 "probe_cpu_s": statistics.median(p[0] for p in probes),
                 "probe_wall_s": statistics.median(p[1] for p in probes),
                 "probes_passed": sum(p[2] == 0 for p in probes),
@@ -160,13 +163,14 @@ def stops(lab: Lab, stock: bool, limit: float) -> dict:
 
 def measure(lab: Lab, args) -> dict:
     warmup, window = (10, 30) if args.quick else (20, args.worker_window)
-    faults = interleaved(1, lambda kind: stops(lab, kind == "stock", args.limit), "worker stops")
-    runs = interleaved(args.reps, lambda kind: run(lab, kind == "stock", warmup, window), "worker")
+    only = args.worker_overhead_only  # the pairs alone: more of them in the same time
+    faults = None if only else interleaved(1, lambda kind: stops(lab, kind == "stock", args.limit), "worker stops")
+    runs = interleaved(args.reps, lambda kind: run(lab, kind == "stock", warmup, window, faults=not only), "worker")
     return {"runs": runs, "stops": faults}
 
 
 def _median(rows: list[dict], key: str) -> float:
-    values = [r[key] for r in rows if r[key] == r[key]]
+    values = [r[key] for r in rows if key in r and r[key] == r[key]]
     return statistics.median(values) if values else math.nan
 
 
@@ -183,21 +187,27 @@ def table(results: dict, args) -> list[str]:
                        ("probe_wall_s", "liveness probe wall time (s)"),
                        ("silence_to_consuming_s", f"broker connections silenced → consuming again (s; inf: not in {SILENCE_LIMIT:g} s)")):
         stock, safe = _median(runs["stock"], key), _median(runs["safe"], key)
+        if math.isnan(stock) and math.isnan(safe):
+            continue  # not measured in this run (--worker-overhead-only)
         ratio = f"{safe / stock:.3f}" if stock and math.isfinite(stock) else "—"
         lines.append(f"| {label} | {stock:.3g} | {safe:.3g} | {ratio} |")
     pairs = list(zip(runs["stock"], runs["safe"]))
     for key, label in (("tis_per_s", "throughput"), ("worker_tree_cpu_s_per_1000", "the worker's CPU per 1000 TIs"),
                        ("worker_cpu_s_per_1000", "its main process's CPU per 1000 TIs")):
         lines.append(ratios(label, [b[key] / a[key] for a, b in pairs if a.get(key) and key in b]))
-    s, o = stops_["stock"][0], stops_["safe"][0]
-    lines += ["", "| fault on the worker | stock | safe |", "| --- | --- | --- |",
-              f"| SIGTERM, log-shipper thread: exit after (s), code, processes left | {s['sigterm_exit_s']:.3g}, "
-              f"{s['sigterm_exit_code']}, {s['sigterm_left']} | {o['sigterm_exit_s']:.3g}, {o['sigterm_exit_code']}, "
-              f"{o['sigterm_left']} |",
-              f"| `kill -9` of the started PID: processes left 40 s later, of all seen | {s['kill9_left']} of "
-              f"{s['kill9_of']} | {o['kill9_left']} of {o['kill9_of']} |",
-              "", "Every sample (stock; safe): " + "; ".join(
+    lines += _stops_table(stops_) if stops_ else []
+    lines += ["", "Every sample (stock; safe): " + "; ".join(
                   f"{k}: {[round(r[k], 4) if isinstance(r[k], float) else r[k] for r in runs['stock']]} / "
                   f"{[round(r[k], 4) if isinstance(r[k], float) else r[k] for r in runs['safe']]}"
                   for k in runs["stock"][0] if all(k in r for r in runs["stock"] + runs["safe"]))]
     return lines
+
+
+def _stops_table(stops_: dict) -> list[str]:
+    s, o = stops_["stock"][0], stops_["safe"][0]
+    return ["", "| fault on the worker | stock | safe |", "| --- | --- | --- |",
+            f"| SIGTERM, log-shipper thread: exit after (s), code, processes left | {s['sigterm_exit_s']:.3g}, "
+            f"{s['sigterm_exit_code']}, {s['sigterm_left']} | {o['sigterm_exit_s']:.3g}, {o['sigterm_exit_code']}, "
+            f"{o['sigterm_left']} |",
+            f"| `kill -9` of the started PID: processes left 40 s later, of all seen | {s['kill9_left']} of "
+            f"{s['kill9_of']} | {o['kill9_left']} of {o['kill9_of']} |"]

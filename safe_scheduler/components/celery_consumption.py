@@ -3,11 +3,15 @@
 It is not an Airflow job: no job row, no heartbeat. What proves it works is that its consumer
 consumes. On Redis, kombu's consumer asks the broker for a message with a BRPOP that the server
 answers within a second, with a message or with nothing; each answer read is a sign. When every
-pool process is running a task the consumer asks for nothing, on purpose: then a timer of the
-consumer's event loop gives a sign every ``TICK`` seconds, if it comes on time. The timer runs only
-while the pool is full: at other times each of its wake-ups would be a loop turn of its own, the
-worker's main cost at rest. Other transports have no such reply: there, the timer always runs and
-each tick counts (RabbitMQ's own heartbeats catch its dead connections).
+pool process is running a task the consumer asks for nothing, on purpose: then each turn of the
+consumer's event loop that comes on time is a sign (at most one a second). The loop turns anyway:
+its poll waits at most until the next timer entry (Celery's heartbeat every 2 s, at most 10 s), so a
+turn later than that, by ``LATE``, says the loop was blocked meanwhile. Nothing of ours is scheduled
+on the loop: a timer of our own was a wake-up of its own, and in a worker under load each loop turn
+costs about half a millisecond of the main process (the pool's ``on_poll_start``). Other transports
+have no BRPOP answer: there each turn on time counts (RabbitMQ's own heartbeats catch its dead
+connections). Without an event loop (the solo and threads pools), a timer ticks every ``TICK``
+seconds instead, and each tick on time counts.
 
 A connection that goes silent (a NAT or load balancer that dropped an idle connection, a Redis
 failover behind a virtual IP: Celery's #8082, #10205, #10302) gives neither. Measured on stock 3.3.2:
@@ -18,8 +22,8 @@ passes without a sign (the stall watchdog's ``recover``): it shuts down every so
 the broker, which wakes whatever waits on one, and Celery's own recovery opens fresh connections
 and a fresh channel, with its credit back, while running tasks go on. If no sign comes within
 another ``stall_timeout``, the stall follows: the worker stops as on SIGTERM and exits 4, for its
-supervisor to start a fresh one. A timer tick that comes late (the loop was blocked meanwhile) is
-no sign, even with a full pool.
+supervisor to start a fresh one. A loop turn or a tick that comes late (the loop was blocked
+meanwhile) is no sign, even with a full pool.
 
 Before any of that, the broker connection gets what stock lacks where the user set nothing
 (``socket_timeout``, ``socket_connect_timeout``, TCP keepalive; Redis only), so that no single
@@ -37,12 +41,17 @@ from typing import Any
 
 log = logging.getLogger("safe_scheduler.celery_worker")
 
-#: Seconds between two ticks of the consumer loop while the pool is full (a kombu timer entry:
-#: nothing runs outside the loop).
+#: Seconds between two ticks where the consumer has no event loop (a timer thread of Celery's).
 TICK = 2.0
-#: A tick this late (seconds since the one before) says the event loop was blocked meanwhile: half
-#: of ``BROKER_SOCKET_TIMEOUT``, so that one command waiting out its timeout is always seen.
-LATE = 2.5 * TICK
+#: Seconds a loop turn (or a tick) may come after it was due before it says the loop was blocked:
+#: half of ``BROKER_SOCKET_TIMEOUT``, so that one command waiting out its timeout is always seen.
+LATE = 5.0
+#: Seconds between two looks at the pool from the loop's turns (a turn comes many times a second
+#: under load; the stall watchdog needs a sign far less often).
+LOOK_EVERY = 1.0
+#: The longest a kombu hub's poll waits with timer entries queued (its ``fire_timers``' max_delay),
+#: and without any (its fixed 1 s).
+POLL_AT_MOST, POLL_WITHOUT_TIMERS = 10.0, 1.0
 #: Seconds a synchronous command on a broker socket may wait for its reply (Redis): far above a
 #: healthy reply (milliseconds), far below the stall timeout. An ack that runs out of it means
 #: the connection is gone: the worker reconnects at once (``_reconnect_when_an_ack_fails``).
@@ -185,9 +194,9 @@ def reconnect(broker_url: str) -> str:
 
 def _consumer_ticks(consumption: Consumption) -> type:
     """A consumer bootstep, running while the consumer consumes (Celery stops it when the connection
-    is lost and starts it again once it is back), that ticks every ``TICK`` seconds from the event
-    loop while the pool is full (on Redis: the loop's ``on_tick`` starts and stops the timer), or
-    always (elsewhere, or without an event loop)."""
+    is lost and starts it again once it is back), that gives a sign for each turn of the event loop
+    that comes on time while the pool is full (on Redis) or always (elsewhere); without an event
+    loop, for each tick of a ``TICK`` timer that comes on time."""
     from celery import bootsteps
 
     class ConsumerTicks(bootsteps.StartStopStep):
@@ -196,43 +205,44 @@ def _consumer_ticks(consumption: Consumption) -> type:
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             self.entry: Any = None
-            self.timer: Any = None
             self.hub: Any = None
+            self.due = self.next_look = 0.0
             self.last = time.monotonic()
 
         def start(self, consumer: Any) -> None:
             consumption.sign()
-            self.timer = consumer.timer
             self.hub = getattr(consumer, "hub", None)
-            if consumption.answers_read and self.hub is not None:
-                self.hub.on_tick.add(self.follow_pool)
+            if self.hub is not None:
+                self.due = time.monotonic() + POLL_AT_MOST + LATE
+                self.hub.on_tick.add(self.turn)
             else:
-                self._start_timer()
+                self.last = time.monotonic()
+                self.entry = consumer.timer.call_repeatedly(TICK, self.tick)
 
-        def _start_timer(self) -> None:
-            self.last = time.monotonic()
-            self.entry = self.timer.call_repeatedly(TICK, self.second)
-
-        def follow_pool(self) -> None:
-            """Each turn of the loop: the timer runs exactly while the pool is full."""
-            if consumption.busy():
-                if self.entry is None:
-                    self._start_timer()
-            elif self.entry is not None:
-                self.entry.cancel()
-                self.entry = None
-
-        def second(self) -> None:
-            # A tick that comes late says the loop was blocked (a command waiting on the broker):
-            # it proves nothing, even with a full pool, whose finished tasks wait on that loop.
+        def turn(self) -> None:
+            """Each turn of the loop, after its timers fired and before its poll: was it on time, and
+            when is the next one due? The poll waits until the next timer entry, at most."""
             now = time.monotonic()
-            on_time, self.last = now - self.last <= LATE, now
-            if on_time and (not consumption.answers_read or consumption.busy()):
+            on_time = now <= self.due
+            queue = self.hub.timer._queue
+            poll = min(max(queue[0][0] - now, 0.0), POLL_AT_MOST) if queue else POLL_WITHOUT_TIMERS
+            self.due = now + poll + LATE
+            if on_time and now >= self.next_look:
+                self.next_look = now + LOOK_EVERY
+                if not consumption.answers_read or consumption.busy():
+                    consumption.sign()
+
+        def tick(self) -> None:
+            # A tick that comes late says the loop was blocked (a command waiting on the broker): it
+            # proves nothing.
+            now = time.monotonic()
+            on_time, self.last = now - self.last <= TICK + LATE, now
+            if on_time:
                 consumption.sign()
 
         def stop(self, consumer: Any) -> None:
             if self.hub is not None:
-                self.hub.on_tick.discard(self.follow_pool)
+                self.hub.on_tick.discard(self.turn)
             if self.entry is not None:
                 self.entry.cancel()
                 self.entry = None

@@ -36,6 +36,8 @@ class SilenceableRelay:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._closed = False
         self.silenced = 0
+        #: Connections accepted so far: a client that reconnects opens new ones.
+        self.accepted = 0
         self._thread = threading.Thread(target=self._loop, name="silenceable-relay", daemon=True)
         self._thread.start()
 
@@ -95,6 +97,7 @@ class SilenceableRelay:
             client.close()
             return
         with self._lock:
+            self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 a.setblocking(False)
                 self._peer[a] = b
