@@ -23,7 +23,7 @@ from harness.chart import (
     BIN, COMPONENTS, IMAGE, PLUGIN, REPO, SCHEMA, all_containers, container, overlay, probe_target, render, tool,
     workload,
 )
-from harness.components import prepare
+from harness.components import heartbeating, prepare
 from harness.deployment import health_port_variable, health_ports
 from harness.faults import MARGIN
 from harness.procs import SchedulerProcess, http_status, wait_for
@@ -235,6 +235,10 @@ def test_component_runs_as_its_pod_and_its_probe_follows_it(helm_home, deploymen
 
     port, path = probe_target(liveness)
     timeout = liveness["timeoutSeconds"]
+    # Its job's own heartbeat first: the endpoint is healthy from the start for a stall timeout, and a
+    # freeze before the job's first connection ends it on that connection's timeout (exit 1), not as
+    # a stall (seen once, on a machine loaded by the rest of the suite).
+    wait_for(heartbeating(postgres, pod, name), 120, interval=0.5, message=f"a {name} heartbeat")
     wait_for(lambda: pod.popen.poll() is None and _exec_probe(liveness["exec"]["command"], timeout), 120,
              interval=0.5, message=f"the {name}'s rendered probe to pass")
     assert _http(port, path) == 200  # and as the post-rendered httpGet would ask
