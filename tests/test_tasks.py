@@ -280,15 +280,16 @@ LATE_ADD_SCRIPT = """
 """
 
 
-def test_cleanup_added_after_the_signal_runs_at_once_and_once():
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(LATE_ADD_SCRIPT)], capture_output=True,
-                          text=True, timeout=60)
+def _run_script(script: str) -> str:
+    """Run one of the scripts above in a fresh interpreter (its own signal handlers); its stdout."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "first,airflow,went on,late,airflow"
+    return done.stdout.strip()
+
+
+def test_cleanup_added_after_the_signal_runs_at_once_and_once():
+    assert _run_script(LATE_ADD_SCRIPT) == "first,airflow,went on,late,airflow"
 
 
 def test_nested_blocks_run_innermost_first_once_and_restore_the_handler():
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(UNIT_SCRIPT)], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "inner,outer-2,outer-1,airflow,airflow"
+    assert _run_script(UNIT_SCRIPT) == "inner,outer-2,outer-1,airflow,airflow"
