@@ -43,9 +43,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-worker", action="store_true",
                         help="skip the Celery worker's own run (stock vs safe worker: throughput, probe, faults)")
     parser.add_argument("--worker-overhead-only", action="store_true",
-                        help="the Celery worker's throughput and CPU pairs alone (no probe, silence or stops)")
-    parser.add_argument("--worker-window", type=float, default=60.0,
-                        help="seconds of the Celery worker's throughput and CPU window, per run (default 60)")
+                        help="the Celery worker's throughput and CPU pairs (the drains) alone: no probe, silence or stops")
+    parser.add_argument("--worker-backlog", type=int, default=400,
+                        help="task instances queued for the Celery worker to drain, per run (default 400, quick 64)")
     parser.add_argument("--no-flood", action="store_true", help="skip the liveness endpoint under a flood")
     parser.add_argument("--flood-rate", type=float, default=500.0,
                         help="requests a second at the liveness endpoint in the flood section (default 500)")

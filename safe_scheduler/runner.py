@@ -62,6 +62,7 @@ def run(component: Component, args: argparse.Namespace, settings: Settings, pare
     # The servers are stopped; anything else below us (executor workers that end() did not finish,
     # tasks, a server's grandchildren) goes now, within what the deadline leaves.
     try:
+        tree.let_resource_tracker_end()
         outcome = tree.stop(tree.descendants(), settings.child_stop_timeout, shutdown.remaining,
                             what="leftover processes")
         metrics.incr("children_killed", len(outcome.killed))

@@ -154,6 +154,33 @@ def stop(
     return outcome
 
 
+def let_resource_tracker_end() -> None:
+    """Close this process's end of the pipe to multiprocessing's resource tracker (started under
+    forkserver and spawn), before the final sweep.
+
+    The tracker ignores SIGTERM and SIGINT by design, and ends only once every end of its pipe is
+    closed, after unlinking what was leaked. With our end open, the sweep waited its whole grace
+    for it, then SIGKILLed it, skipping that clean-up. With it closed, the tracker ends by itself
+    once the sweep's SIGTERM has ended the other holders (the forkserver, spawned children). Our
+    end is never needed again: the job is over. Never blocks: if another thread holds the tracker's
+    lock, the sweep's kill remains.
+    """
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    lock = getattr(tracker, "_lock", None)
+    if lock is None or not lock.acquire(blocking=False):
+        return
+    try:
+        if getattr(tracker, "_fd", None) is not None:
+            os.close(tracker._fd)
+            tracker._fd = None  # a later use would start a new tracker, as after its death
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
 def kill_all_below_us() -> int:
     """SIGKILL everything below this process at once, for a forced exit that has no time left."""
     procs = descendants()

@@ -1,6 +1,7 @@
 """The Celery worker itself, stock ``airflow celery worker`` against ``airflow-safe-celery-worker``,
-each fed by the same safe scheduler through a real Redis: throughput and the worker's CPU per 1000
-task instances, the liveness probe's cost (the chart's ``celery inspect ping`` against a ``curl`` of
+through a real Redis: throughput and the worker's CPU per 1000 task instances as it drains a queued
+backlog (its own capacity: a worker fed at the scheduler's pace measures the scheduler), the
+liveness probe's cost (the chart's ``celery inspect ping`` against a ``curl`` of
 our endpoint), every broker connection silenced (a relay in front of Redis), then SIGTERM with a
 log-shipper thread and ``kill -9`` of the started PID."""
 
@@ -18,7 +19,7 @@ import time
 import psutil
 
 from harness.broker import RedisServer
-from harness.celery import busy, scheduler_up, started_after, succeeded
+from harness.celery import busy, scheduler_up, started_after, starts, succeeded
 from harness.components import LEAKY_LOGGING
 from harness.deployment import PYTHON
 from harness.procs import wait_for
@@ -32,6 +33,12 @@ PROBES = 5
 #: What the safe worker runs with: the tests' short deadline and stall timeout.
 SAFE_WORKER_ARGS = ["--shutdown-timeout", "30", "--task-drain-timeout", "5", "--stall-timeout", "20"]
 CELERY_APP = "airflow.providers.celery.executors.celery_executor.app"
+#: The drain: DAGs of the busy kind, two runs of each at once, tasks that return at once.
+DRAIN_DAGS = 8
+#: Airflow's default ``[celery] worker_concurrency`` (the harness always passes one).
+DRAIN_CONCURRENCY = 16
+#: Seconds between samples of the worker's CPU during the drain.
+SAMPLE = 0.25
 
 
 def _cpu(pids: list[int]) -> float:
@@ -72,7 +79,68 @@ def _child_cpu_and_wall(cmd: list[str], env: dict) -> tuple[float, float, int]:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall, done.returncode
 
 
-def run(lab: Lab, stock: bool, warmup: float, window: float, faults: bool = True) -> dict:
+def drain(lab: Lab, stock: bool, backlog: int) -> dict:
+    """The worker's own capacity: the safe scheduler queues ``backlog`` task instances with no
+    worker and is stopped (and on Airflow 3 the dag-processor too), then the worker starts at
+    Airflow's default concurrency and drains them. Throughput and CPU are taken between the starts
+    of the first and the last tenth, while the queue still holds more than the pool runs, so
+    neither the scheduler's pace nor the worker's start-up is in them. Start times come from the
+    tasks' own marks; the worker's CPU is sampled every ``SAMPLE`` s and read between samples."""
+    dep, server = lab.deployment()
+    redis = RedisServer(dep.home.parent / "redis").start()
+    try:
+        dep.use_celery(redis)
+        tasks = max(1, backlog // (2 * DRAIN_DAGS))
+        backlog = 2 * DRAIN_DAGS * tasks  # every task of two runs of each DAG
+        # Only what lets the scheduler queue the whole backlog at once: Airflow's caps on what is
+        # queued or running (the deployment's parallelism of 4, per DAG 16, the default pool's 128).
+        dep.env.update(AIRFLOW__CORE__PARALLELISM=str(backlog), AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=str(backlog))
+        server.execute(f"UPDATE slot_pool SET slots = {backlog} WHERE pool = 'default_pool'")
+        marks = busy(dep, dags=DRAIN_DAGS, tasks=tasks, seconds=0, worker=False)
+        scheduler = scheduler_up(dep, server)
+        wait_for(lambda: _queued(server) >= backlog, 600, interval=1, message=f"{backlog} task instances queued")
+        for proc in [scheduler, *(p for p in dep.started if "dag-processor" in p.cmd)]:
+            proc.signal(signal.SIGTERM)
+            if proc.wait_exit(60) is None:
+                raise AssertionError(f"{' '.join(proc.cmd)} did not stop")
+        queued = _queued(server)
+        worker = dep.worker(*([] if stock else SAFE_WORKER_ARGS), stock=stock, concurrency=DRAIN_CONCURRENCY)
+        main = [worker.pid] if stock else [worker.pid, worker.job_pid]  # ours: the parent and the worker
+        samples = []  # (wall-clock time, the whole worker's CPU, its main process's CPU)
+        deadline = time.monotonic() + 600
+        while starts(marks) < queued and time.monotonic() < deadline:
+            samples.append((time.time(), _tree_cpu(worker.pid), _cpu(main)))
+            time.sleep(SAMPLE)
+        times = started_after(marks, 0)
+        if len(times) < queued:
+            raise AssertionError(f"{len(times)} of {queued} task instances started within 600 s")
+        lo, hi = queued // 10, queued - queued // 10
+        span = times[hi - 1] - times[lo - 1]
+        tree = _at(samples, times[hi - 1], 1) - _at(samples, times[lo - 1], 1)
+        cpu = _at(samples, times[hi - 1], 2) - _at(samples, times[lo - 1], 2)
+        return {"tis_per_s": (hi - lo) / span, "worker_tree_cpu_s_per_1000": tree * 1000 / (hi - lo),
+                "worker_cpu_s_per_1000": cpu * 1000 / (hi - lo), "drained": queued, "window_s": span}
+    finally:
+        dep.cleanup()
+        redis.stop()
+        server.destroy()
+
+
+def _queued(server) -> int:
+    return server.execute("SELECT count(*) FROM task_instance WHERE state = 'queued'")[0][0]
+
+
+def _at(samples: list[tuple[float, float, float]], when: float, column: int) -> float:
+    """``column`` of the samples at ``when``, read on the straight line between the two around it."""
+    for (t0, *a), (t1, *b) in zip(samples, samples[1:]):
+        if t0 <= when <= t1:
+            share = (when - t0) / (t1 - t0) if t1 > t0 else 0.0
+            return a[column - 1] + share * (b[column - 1] - a[column - 1])
+    raise AssertionError(f"no CPU sample around {when}")
+
+
+def run(lab: Lab, stock: bool) -> dict:
+    """The liveness probe's cost, then every broker connection silenced, under a steady load."""
     dep, server = lab.deployment()
     redis = RedisServer(dep.home.parent / "redis").start()
     relay = SilenceableRelay(redis.port)
@@ -83,15 +151,6 @@ def run(lab: Lab, stock: bool, warmup: float, window: float, faults: bool = True
                             AIRFLOW__CELERY__BROKER_URL=relay.url())
         scheduler_up(dep, server)
         wait_for(lambda: succeeded(server) >= 4, 300, interval=1, message="tasks through the worker")
-        main = [worker.pid] if stock else [worker.pid, worker.job_pid]  # ours: the parent and the worker
-        time.sleep(warmup)  # steady state first: the window starts after this
-        first, cpu, tree = succeeded(server), _cpu(main), _tree_cpu(worker.pid)
-        time.sleep(window)  # the measurement window
-        done, cpu, tree = succeeded(server) - first, _cpu(main) - cpu, _tree_cpu(worker.pid) - tree
-        overhead = {"tis_per_s": done / window, "worker_cpu_s_per_1000": cpu * 1000 / max(done, 1),
-                    "worker_tree_cpu_s_per_1000": tree * 1000 / max(done, 1)}
-        if not faults:
-            return overhead
 
         probe_env = dict(dep.env, AIRFLOW__CELERY__BROKER_URL=redis.url)
         if stock:  # the chart's worker probe, as its template runs it (without the image's entrypoint)
@@ -112,8 +171,7 @@ def run(lab: Lab, stock: bool, warmup: float, window: float, faults: bool = True
             resumed = starts[0] - silenced
         except AssertionError:
             resumed = math.inf
-        return {**overhead,
-                "probe_cpu_s": statistics.median(p[0] for p in probes),
+        return {"probe_cpu_s": statistics.median(p[0] for p in probes),
                 "probe_wall_s": statistics.median(p[1] for p in probes),
                 "probes_passed": sum(p[2] == 0 for p in probes),
                 "silence_to_consuming_s": resumed, "alive_after_silence": worker.popen.poll() is None}
@@ -162,11 +220,12 @@ def stops(lab: Lab, stock: bool, limit: float) -> dict:
 
 
 def measure(lab: Lab, args) -> dict:
-    warmup, window = (10, 30) if args.quick else (20, args.worker_window)
+    backlog = 64 if args.quick else args.worker_backlog
     only = args.worker_overhead_only  # the pairs alone: more of them in the same time
     faults = None if only else interleaved(1, lambda kind: stops(lab, kind == "stock", args.limit), "worker stops")
-    runs = interleaved(args.reps, lambda kind: run(lab, kind == "stock", warmup, window, faults=not only), "worker")
-    return {"runs": runs, "stops": faults}
+    runs = None if only else interleaved(args.reps, lambda kind: run(lab, kind == "stock"), "worker probe, silence")
+    drains = interleaved(args.reps, lambda kind: drain(lab, kind == "stock", backlog), "worker drain")
+    return {"drains": drains, "runs": runs, "stops": faults}
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -175,31 +234,38 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 def table(results: dict, args) -> list[str]:
-    runs, stops_ = results["runs"], results["stops"]
+    drains, runs, stops_ = results["drains"], results["runs"], results["stops"]
     lines = ["", "## The Celery worker (stock `airflow celery worker` vs `airflow-safe-celery-worker "
-             f"{' '.join(SAFE_WORKER_ARGS)}`, the same safe scheduler, a real Redis, 4 DAGs x 4 tasks of 0.5 s; "
-             "medians; ratio = safe / stock)", "",
+             f"{' '.join(SAFE_WORKER_ARGS)}`, a real Redis; medians; ratio = safe / stock)", "",
+             f"Throughput and CPU: a backlog of {drains['stock'][0]['drained']} queued task instances (busy DAGs, "
+             f"tasks that return at once) drained with `--concurrency {DRAIN_CONCURRENCY}` (Airflow's default), "
+             "the scheduler stopped; taken between the first and the last tenth. The probe and the silence: "
+             "the safe scheduler feeding 4 DAGs x 4 tasks of 0.5 s.", "",
              "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
-    for key, label in (("tis_per_s", "throughput (TIs/s)"),
-                       ("worker_tree_cpu_s_per_1000", "the worker's CPU per 1000 TIs, every process of it (s)"),
-                       ("worker_cpu_s_per_1000", "its main process's CPU per 1000 TIs (s; ours: with its parent)"),
-                       ("probe_cpu_s", "liveness probe CPU (s per probe; stock: `celery inspect ping`, ours: curl)"),
-                       ("probe_wall_s", "liveness probe wall time (s)"),
-                       ("silence_to_consuming_s", f"broker connections silenced → consuming again (s; inf: not in {SILENCE_LIMIT:g} s)")):
-        stock, safe = _median(runs["stock"], key), _median(runs["safe"], key)
-        if math.isnan(stock) and math.isnan(safe):
+    rows = (("tis_per_s", "throughput (TIs/s)", drains),
+            ("worker_tree_cpu_s_per_1000", "the worker's CPU per 1000 TIs, every process of it (s)", drains),
+            ("worker_cpu_s_per_1000", "its main process's CPU per 1000 TIs (s; ours: with its parent)", drains),
+            ("probe_cpu_s", "liveness probe CPU (s per probe; stock: `celery inspect ping`, ours: curl)", runs),
+            ("probe_wall_s", "liveness probe wall time (s)", runs),
+            ("silence_to_consuming_s", f"broker connections silenced → consuming again (s; inf: not in {SILENCE_LIMIT:g} s)", runs))
+    for key, label, source in rows:
+        if not source:
             continue  # not measured in this run (--worker-overhead-only)
+        stock, safe = _median(source["stock"], key), _median(source["safe"], key)
         ratio = f"{safe / stock:.3f}" if stock and math.isfinite(stock) else "—"
         lines.append(f"| {label} | {stock:.3g} | {safe:.3g} | {ratio} |")
-    pairs = list(zip(runs["stock"], runs["safe"]))
+    pairs = list(zip(drains["stock"], drains["safe"]))
+    lines.append("")
     for key, label in (("tis_per_s", "throughput"), ("worker_tree_cpu_s_per_1000", "the worker's CPU per 1000 TIs"),
                        ("worker_cpu_s_per_1000", "its main process's CPU per 1000 TIs")):
         lines.append(ratios(label, [b[key] / a[key] for a, b in pairs if a.get(key) and key in b]))
     lines += _stops_table(stops_) if stops_ else []
-    lines += ["", "Every sample (stock; safe): " + "; ".join(
-                  f"{k}: {[round(r[k], 4) if isinstance(r[k], float) else r[k] for r in runs['stock']]} / "
-                  f"{[round(r[k], 4) if isinstance(r[k], float) else r[k] for r in runs['safe']]}"
-                  for k in runs["stock"][0] if all(k in r for r in runs["stock"] + runs["safe"]))]
+    for name, source in (("drain", drains), ("probe and silence", runs)):
+        if source:
+            lines += ["", f"Every sample, {name} (stock / safe): " + "; ".join(
+                f"{k}: {[round(r[k], 4) if isinstance(r[k], float) else r[k] for r in source['stock']]} / "
+                f"{[round(r[k], 4) if isinstance(r[k], float) else r[k] for r in source['safe']]}"
+                for k in source["stock"][0] if all(k in r for r in source["stock"] + source["safe"]))]
     return lines
 
 
