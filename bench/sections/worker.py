@@ -7,6 +7,7 @@ log-shipper thread and ``kill -9`` of the started PID."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
@@ -38,7 +39,7 @@ DRAIN_DAGS = 8
 #: Airflow's default ``[celery] worker_concurrency`` (the harness always passes one).
 DRAIN_CONCURRENCY = 16
 #: Seconds between samples of the worker's CPU during the drain.
-SAMPLE = 0.25
+SAMPLE = 0.5
 
 
 def _cpu(pids: list[int]) -> float:
@@ -79,51 +80,91 @@ def _child_cpu_and_wall(cmd: list[str], env: dict) -> tuple[float, float, int]:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall, done.returncode
 
 
-def drain(lab: Lab, stock: bool, backlog: int) -> dict:
-    """The worker's own capacity: the safe scheduler queues ``backlog`` task instances with no
-    worker and is stopped (and on Airflow 3 the dag-processor too), then the worker starts at
-    Airflow's default concurrency and drains them. Throughput and CPU are taken between the starts
-    of the first and the last tenth, while the queue still holds more than the pool runs, so
-    neither the scheduler's pace nor the worker's start-up is in them. Start times come from the
-    tasks' own marks; the worker's CPU is sampled every ``SAMPLE`` s and read between samples."""
-    dep, server = lab.deployment()
-    redis = RedisServer(dep.home.parent / "redis").start()
-    try:
-        dep.use_celery(redis)
+class _Backlog:
+    """One side of a drain: a deployment whose queue holds the backlog, then its worker."""
+
+    def __init__(self, lab: Lab, backlog: int) -> None:
+        self.dep, self.server = lab.deployment()
+        self.redis = RedisServer(self.dep.home.parent / "redis").start()
+        self.worker = None
+        self.main: list[int] = []
+        self.samples: list[tuple[float, float, float]] = []  # (wall clock, the whole worker's CPU, its main's)
+        self.dep.use_celery(self.redis)
         tasks = max(1, backlog // (2 * DRAIN_DAGS))
         backlog = 2 * DRAIN_DAGS * tasks  # every task of two runs of each DAG
         # Only what lets the scheduler queue the whole backlog at once: Airflow's caps on what is
         # queued or running (the deployment's parallelism of 4, per DAG 16, the default pool's 128).
-        dep.env.update(AIRFLOW__CORE__PARALLELISM=str(backlog), AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=str(backlog))
-        server.execute(f"UPDATE slot_pool SET slots = {backlog} WHERE pool = 'default_pool'")
-        marks = busy(dep, dags=DRAIN_DAGS, tasks=tasks, seconds=0, worker=False)
-        scheduler = scheduler_up(dep, server)
-        wait_for(lambda: _queued(server) >= backlog, 600, interval=1, message=f"{backlog} task instances queued")
-        for proc in [scheduler, *(p for p in dep.started if "dag-processor" in p.cmd)]:
+        self.dep.env.update(AIRFLOW__CORE__PARALLELISM=str(backlog),
+                            AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=str(backlog))
+        self.server.execute(f"UPDATE slot_pool SET slots = {backlog} WHERE pool = 'default_pool'")
+        self.marks = busy(self.dep, dags=DRAIN_DAGS, tasks=tasks, seconds=0, worker=False)
+        scheduler = scheduler_up(self.dep, self.server)
+        wait_for(lambda: _queued(self.server) >= backlog, 600, interval=1,
+                 message=f"{backlog} task instances queued")
+        for proc in [scheduler, *(p for p in self.dep.started if "dag-processor" in p.cmd)]:
             proc.signal(signal.SIGTERM)
             if proc.wait_exit(60) is None:
                 raise AssertionError(f"{' '.join(proc.cmd)} did not stop")
-        queued = _queued(server)
-        worker = dep.worker(*([] if stock else SAFE_WORKER_ARGS), stock=stock, concurrency=DRAIN_CONCURRENCY)
-        main = [worker.pid] if stock else [worker.pid, worker.job_pid]  # ours: the parent and the worker
-        samples = []  # (wall-clock time, the whole worker's CPU, its main process's CPU)
-        deadline = time.monotonic() + 600
-        while starts(marks) < queued and time.monotonic() < deadline:
-            samples.append((time.time(), _tree_cpu(worker.pid), _cpu(main)))
+        self.queued = _queued(self.server)
+
+    def start(self, stock: bool) -> None:
+        self.worker = self.dep.worker(*([] if stock else SAFE_WORKER_ARGS), stock=stock,
+                                      concurrency=DRAIN_CONCURRENCY)
+        self.main = [self.worker.pid] if stock else [self.worker.pid, self.worker.job_pid]  # ours: with its parent
+
+    def sample(self) -> None:
+        self.samples.append((time.time(), _tree_cpu(self.worker.pid), _cpu(self.main)))
+
+    def drained(self) -> bool:
+        return starts(self.marks) >= self.queued
+
+    def close(self) -> None:
+        self.dep.cleanup()
+        self.redis.stop()
+        self.server.destroy()
+
+
+def drain(lab: Lab, backlog: int, first: str) -> dict[str, dict]:
+    """The worker's own capacity, stock and safe side by side: on two deployments the safe
+    scheduler queues ``backlog`` task instances with no worker and is stopped (and on Airflow 3 the
+    dag-processor too); then both workers start at once, ``first`` a moment before the other, at
+    Airflow's default concurrency, and drain their queues on the same two cores. One after the
+    other, the machine's drift between two runs a few minutes apart was most of the spread (single
+    pairs ±8 % in throughput); at once, it hits both alike.
+
+    Throughput and CPU are read over the span where both were past the starts of their first
+    tenth and short of their last, so that each queue still held more than its pool runs and
+    neither worker's start-up nor the other's end is in it. Start times come from the tasks' own
+    marks; each worker's CPU is sampled every ``SAMPLE`` s and read between samples."""
+    with contextlib.ExitStack() as stack:
+        sides = {}
+        for kind in ("stock", "safe"):
+            sides[kind] = _Backlog(lab, backlog)
+            stack.callback(sides[kind].close)
+        for kind in sorted(sides, key=lambda kind: kind != first):
+            sides[kind].start(kind == "stock")
+        deadline = time.monotonic() + 900
+        while not all(side.drained() for side in sides.values()) and time.monotonic() < deadline:
+            for side in sides.values():
+                side.sample()
             time.sleep(SAMPLE)
-        times = started_after(marks, 0)
-        if len(times) < queued:
-            raise AssertionError(f"{len(times)} of {queued} task instances started within 600 s")
-        lo, hi = queued // 10, queued - queued // 10
-        span = times[hi - 1] - times[lo - 1]
-        tree = _at(samples, times[hi - 1], 1) - _at(samples, times[lo - 1], 1)
-        cpu = _at(samples, times[hi - 1], 2) - _at(samples, times[lo - 1], 2)
-        return {"tis_per_s": (hi - lo) / span, "worker_tree_cpu_s_per_1000": tree * 1000 / (hi - lo),
-                "worker_cpu_s_per_1000": cpu * 1000 / (hi - lo), "drained": queued, "window_s": span}
-    finally:
-        dep.cleanup()
-        redis.stop()
-        server.destroy()
+        times = {kind: started_after(side.marks, 0) for kind, side in sides.items()}
+        for kind, side in sides.items():
+            if len(times[kind]) < side.queued:
+                raise AssertionError(f"{kind}: {len(times[kind])} of {side.queued} task instances started in 900 s")
+        lo = max(t[len(t) // 10 - 1] for t in times.values())
+        hi = min(t[len(t) - len(t) // 10 - 1] for t in times.values())
+        if hi <= lo:
+            raise AssertionError("the two drains did not overlap")
+        result = {}
+        for kind, side in sides.items():
+            done = sum(lo < t <= hi for t in times[kind])
+            tree = _at(side.samples, hi, 1) - _at(side.samples, lo, 1)
+            cpu = _at(side.samples, hi, 2) - _at(side.samples, lo, 2)
+            result[kind] = {"tis_per_s": done / (hi - lo), "worker_tree_cpu_s_per_1000": tree * 1000 / done,
+                            "worker_cpu_s_per_1000": cpu * 1000 / done, "drained": side.queued,
+                            "window_s": hi - lo, "started_first": kind == first}
+        return result
 
 
 def _queued(server) -> int:
@@ -224,7 +265,12 @@ def measure(lab: Lab, args) -> dict:
     only = args.worker_overhead_only  # the pairs alone: more of them in the same time
     faults = None if only else interleaved(1, lambda kind: stops(lab, kind == "stock", args.limit), "worker stops")
     runs = None if only else interleaved(args.reps, lambda kind: run(lab, kind == "stock"), "worker probe, silence")
-    drains = interleaved(args.reps, lambda kind: drain(lab, kind == "stock", backlog), "worker drain")
+    drains: dict[str, list] = {"stock": [], "safe": []}
+    for rep in range(args.reps):
+        pair = drain(lab, backlog, first=("stock", "safe")[rep % 2])  # who starts first, in turn
+        for kind in drains:
+            drains[kind].append(pair[kind])
+        print(f"worker drain [{rep + 1}/{args.reps}]: {pair}", flush=True)
     return {"drains": drains, "runs": runs, "stops": faults}
 
 
@@ -239,7 +285,8 @@ def table(results: dict, args) -> list[str]:
              f"{' '.join(SAFE_WORKER_ARGS)}`, a real Redis; medians; ratio = safe / stock)", "",
              f"Throughput and CPU: a backlog of {drains['stock'][0]['drained']} queued task instances (busy DAGs, "
              f"tasks that return at once) drained with `--concurrency {DRAIN_CONCURRENCY}` (Airflow's default), "
-             "the scheduler stopped; taken between the first and the last tenth. The probe and the silence: "
+             "the scheduler stopped, stock and safe at once on two deployments; read over the span where both "
+             "were past their first tenth and short of their last. The probe and the silence: "
              "the safe scheduler feeding 4 DAGs x 4 tasks of 0.5 s.", "",
              "| measure | stock | safe | ratio |", "| --- | --- | --- | --- |"]
     rows = (("tis_per_s", "throughput (TIs/s)", drains),
