@@ -162,17 +162,30 @@ def let_resource_tracker_end() -> None:
     closed, after unlinking what was leaked. With our end open, the sweep waited its whole grace
     for it, then SIGKILLed it, skipping that clean-up. With it closed, the tracker ends by itself
     once the sweep's SIGTERM has ended the other holders (the forkserver, spawned children). Our
-    end is never needed again: the job is over. Never blocks: if another thread holds the tracker's
-    lock, the sweep's kill remains.
+    end is never needed again: the job is over.
+
+    Our own semaphores are cleaned up first, as at exit (unlinked, which leaves them working for
+    whoever holds one, and unregistered): else the tracker would find them leaked and unlink them,
+    and our exit's clean-up would print a traceback for each. Never blocks on the tracker's lock: if
+    another thread holds it, the sweep's kill remains.
     """
-    from multiprocessing import resource_tracker
+    from multiprocessing import resource_tracker, synchronize, util
 
     tracker = getattr(resource_tracker, "_resource_tracker", None)
-    lock = getattr(tracker, "_lock", None)
-    if lock is None or not lock.acquire(blocking=False):
+    if getattr(tracker, "_fd", None) is None:
+        return  # never started (fork), or not ours to close
+    cleanup = getattr(synchronize.SemLock, "_cleanup", None)
+    for finalizer in list(getattr(util, "_finalizer_registry", {}).values()):
+        if cleanup is not None and getattr(finalizer, "_callback", None) is cleanup:
+            try:
+                finalizer()  # runs once: our exit will not run it again
+            except Exception:  # noqa: BLE001 - already unlinked elsewhere; the tracker copes
+                pass
+    lock = tracker._lock
+    if not lock.acquire(blocking=False):
         return
     try:
-        if getattr(tracker, "_fd", None) is not None:
+        if tracker._fd is not None:
             os.close(tracker._fd)
             tracker._fd = None  # a later use would start a new tracker, as after its death
     except OSError:
