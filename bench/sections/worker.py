@@ -83,12 +83,17 @@ def _child_cpu_and_wall(cmd: list[str], env: dict) -> tuple[float, float, int]:
 class _Backlog:
     """One side of a drain: a deployment whose queue holds the backlog, then its worker."""
 
-    def __init__(self, lab: Lab, backlog: int) -> None:
+    def __init__(self, lab: Lab) -> None:
         self.dep, self.server = lab.deployment()
         self.redis = RedisServer(self.dep.home.parent / "redis").start()
         self.worker = None
         self.main: list[int] = []
         self.samples: list[tuple[float, float, float]] = []  # (wall clock, the whole worker's CPU, its main's)
+        self.queued = self.enough = 0
+
+    def fill(self, backlog: int) -> None:
+        """Queue and publish ``backlog`` task instances (rounded down to whole DAG runs), then stop
+        the scheduler and the dag-processor."""
         self.dep.use_celery(self.redis)
         tasks = max(1, backlog // (2 * DRAIN_DAGS))
         backlog = 2 * DRAIN_DAGS * tasks  # every task of two runs of each DAG
@@ -143,8 +148,9 @@ def drain(lab: Lab, backlog: int, first: str) -> dict[str, dict]:
     with contextlib.ExitStack() as stack:
         sides = {}
         for kind in ("stock", "safe"):
-            sides[kind] = _Backlog(lab, backlog)
+            sides[kind] = _Backlog(lab)
             stack.callback(sides[kind].close)
+            sides[kind].fill(backlog)
         for kind in sorted(sides, key=lambda kind: kind != first):
             sides[kind].start(kind == "stock")
         deadline = time.monotonic() + 900
