@@ -20,7 +20,7 @@ import time
 import psutil
 
 from harness.broker import RedisServer
-from harness.celery import busy, scheduler_up, started_after, starts, succeeded
+from harness.celery import busy, queued, scheduler_up, started_after, starts, succeeded
 from harness.components import LEAKY_LOGGING
 from harness.deployment import PYTHON
 from harness.procs import wait_for
@@ -106,13 +106,13 @@ class _Backlog:
         scheduler = scheduler_up(self.dep, self.server)
         # Queued in the DB is not yet sent: the executor publishes on its next heartbeat, and what
         # it has not published when the scheduler stops stays queued until task_queued_timeout.
-        wait_for(lambda: _queued(self.server) >= backlog and _published(self.redis) >= backlog, 600,
+        wait_for(lambda: queued(self.server) >= backlog and self.redis.queue_length() >= backlog, 600,
                  interval=1, message=f"{backlog} task instances queued and published")
         for proc in [scheduler, *(p for p in self.dep.started if "dag-processor" in p.cmd)]:
             proc.signal(signal.SIGTERM)
             if proc.wait_exit(60) is None:
                 raise AssertionError(f"{' '.join(proc.cmd)} did not stop")
-        self.queued = _published(self.redis)
+        self.queued = self.redis.queue_length()
         #: Starts up to the last tenth's first: where the measured span may end.
         self.enough = self.queued - self.queued // 10
 
@@ -178,21 +178,6 @@ def drain(lab: Lab, backlog: int, first: str) -> dict[str, dict]:
                             "worker_cpu_s_per_1000": cpu * 1000 / done, "drained": side.queued,
                             "window_s": hi - lo, "started_first": kind == first}
         return result
-
-
-def _queued(server) -> int:
-    return server.execute("SELECT count(*) FROM task_instance WHERE state = 'queued'")[0][0]
-
-
-def _published(broker: RedisServer) -> int:
-    """Messages waiting in the broker's queue (``[operators] default_queue``, Airflow's default)."""
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=broker.port)
-    try:
-        return client.llen("default")
-    finally:
-        client.close()
 
 
 def _at(samples: list[tuple[float, float, float]], when: float, column: int) -> float:

@@ -48,6 +48,16 @@ class RedisServer:
         except OSError:
             return False
 
+    def queue_length(self, name: str = "default") -> int:
+        """Messages waiting in queue ``name`` (Airflow's ``[operators] default_queue`` by default)."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        try:
+            return client.llen(name)
+        finally:
+            client.close()
+
     def freeze(self) -> None:
         """SIGSTOP: a broker that accepts connections (the kernel's backlog) and never answers."""
         self.proc.send_signal(signal.SIGSTOP)

@@ -98,6 +98,10 @@ def failed(postgres) -> int:
     return postgres.execute("SELECT count(*) FROM task_instance WHERE state = 'failed'")[0][0]
 
 
+def queued(postgres) -> int:
+    return postgres.execute("SELECT count(*) FROM task_instance WHERE state = 'queued'")[0][0]
+
+
 def scheduler_up(dep, postgres, *args: str, stock: bool = False, **env: str):
     """Ours: until its health check answers. Stock: as shipped, with Airflow's health server off
     (its default), until its heartbeat is in the database. On 2.x that server's forked child
