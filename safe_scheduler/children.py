@@ -128,9 +128,9 @@ def _exitcode(process: multiprocessing.Process, seconds: float) -> int | None:
     sentinel a moment before the kernel makes it a zombie. None if it is still not reaped (or was
     reaped by someone else)."""
     deadline = time.monotonic() + seconds
-    while (exitcode := process.exitcode) is None and time.monotonic() < deadline:
+    while process.exitcode is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    return exitcode
+    return process.exitcode
 
 
 class Servers:

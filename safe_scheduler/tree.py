@@ -11,6 +11,7 @@ re-parented to init (or to a subreaper) and can no longer be found from here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -168,30 +169,41 @@ def let_resource_tracker_end() -> None:
     whoever holds one, and unregistered): else the tracker would find them leaked and unlink them,
     and our exit's clean-up would print a traceback for each. Never blocks on the tracker's lock: if
     another thread holds it, the sweep's kill remains.
-    """
-    from multiprocessing import resource_tracker, synchronize, util
 
-    tracker = getattr(resource_tracker, "_resource_tracker", None)
-    if getattr(tracker, "_fd", None) is None:
+    This reaches into multiprocessing's private parts, so it must never cost the sweep itself: if
+    they are not as expected (another Python), the sweep goes on as it did without this.
+    """
+    try:
+        _close_tracker_pipe()
+    except Exception as exc:  # noqa: BLE001 - the sweep's kill of the tracker remains
+        log.warning("Could not let multiprocessing's resource tracker end by itself (%r); the sweep "
+                    "stops it", exc)
+
+
+def _close_tracker_pipe() -> None:
+    from multiprocessing import synchronize, util
+
+    try:
+        from multiprocessing.resource_tracker import _resource_tracker as tracker
+    except ImportError:  # Python 3.7: the same tracker, for semaphores only, under its older name
+        from multiprocessing.semaphore_tracker import _semaphore_tracker as tracker
+    if tracker._fd is None:
         return  # never started (fork), or not ours to close
-    cleanup = getattr(synchronize.SemLock, "_cleanup", None)
-    for finalizer in list(getattr(util, "_finalizer_registry", {}).values()):
-        if cleanup is not None and getattr(finalizer, "_callback", None) is cleanup:
+    for finalizer in list(util._finalizer_registry.values()):
+        if getattr(finalizer, "_callback", None) is synchronize.SemLock._cleanup:
             try:
                 finalizer()  # runs once: our exit will not run it again
             except Exception:  # noqa: BLE001 - already unlinked elsewhere; the tracker copes
                 pass
-    lock = tracker._lock
-    if not lock.acquire(blocking=False):
+    if not tracker._lock.acquire(blocking=False):
         return
     try:
         if tracker._fd is not None:
-            os.close(tracker._fd)
-            tracker._fd = None  # a later use would start a new tracker, as after its death
-    except OSError:
-        pass
+            with contextlib.suppress(OSError):  # closed already: the same for the tracker
+                os.close(tracker._fd)
+            tracker._fd = None
     finally:
-        lock.release()
+        tracker._lock.release()
 
 
 def kill_all_below_us() -> int:
