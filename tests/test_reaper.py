@@ -41,8 +41,9 @@ FAKE_JOB = """
         if os.fork() == 0:
             if os.fork() == 0:
                 os.setsid()
-                with open(out + ".daemon", "w") as daemon:
+                with open(out + ".daemon.tmp", "w") as daemon:  # renamed: never read half-written
                     daemon.write(str(os.getpid()))
+                os.rename(out + ".daemon.tmp", out + ".daemon")
                 os.execvp("sleep", ["sleep", "600"])
             os._exit(0)
         # multiprocessing's spawn: a fresh interpreter, no fork hook of ours in it.
