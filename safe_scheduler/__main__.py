@@ -1,3 +1,3 @@
-from safe_scheduler.entry import scheduler
+from safe_scheduler.entry import main
 
-scheduler()
+main("scheduler")

@@ -25,7 +25,7 @@ from harness.faults import MARGIN, assert_exits, assert_no_orphans, kill
 from harness.jobservice import JobService
 from harness.procs import wait_for
 from harness.silence import SilenceableRelay
-from safe_scheduler import compat
+from safe_scheduler.base import compat
 
 pytestmark = pytest.mark.celery
 
@@ -146,7 +146,7 @@ def test_flags_match_installed_airflow_celery_worker(home):
     ("args", "expect"),
     [
         (["--concurrency", "many"], "invalid int value"),
-        (["--shutdown-timeout", "20", "--task-drain-timeout", "30"], "must not exceed shutdown_timeout (20s)"),
+        (["--shutdown-timeout", "20", "--task-drain-timeout", "30"], "must not exceed what shutdown_timeout (20s) leaves the tasks: 12s"),
         (["--stall-timeout", "soon"], "--stall-timeout must be a number"),
     ],
     ids=["bad-concurrency", "drain-longer-than-the-deadline", "bad-stall"],

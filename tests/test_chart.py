@@ -27,7 +27,9 @@ from harness.components import heartbeating, prepare
 from harness.deployment import health_port_variable, health_ports
 from harness.faults import MARGIN
 from harness.procs import SchedulerProcess, http_status, wait_for
-from safe_scheduler import components, reaper, watchdog
+from safe_scheduler import components
+from safe_scheduler.children import parent as reaper
+from safe_scheduler.shutdown import watchdog
 
 @pytest.fixture(scope="module")
 def helm_home(tmp_path_factory) -> dict[str, str]:
@@ -108,9 +110,9 @@ def test_rendered_pods_run_our_commands_with_cheap_probes(helm_home, executor, k
 
 def _shutdown_timeout(env: dict, name: str) -> float:
     """The container's shutdown_timeout: its env's, else the component's own default."""
-    from safe_scheduler.settings import DEFAULTS
+    from safe_scheduler.startup import settings
 
-    default = components.get(name).defaults.get("shutdown_timeout", DEFAULTS["shutdown_timeout"])
+    default = settings.defaults(components.get(name))["shutdown_timeout"]
     return float(env.get("AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT") or default)
 
 
@@ -126,7 +128,7 @@ def test_rendered_workers_run_the_safe_worker_and_its_drain_fits_the_grace(helm_
     shutdown = _shutdown_timeout(env, "celery-worker")
     grace = workload(docs, "worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= shutdown + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN + reaper.KILL_WAIT, (grace, shutdown)
-    from safe_scheduler import settings
+    from safe_scheduler.startup import settings
 
     class PodConf:  # what the pod's env sets of [safe_scheduler], nothing else
         def get(self, section, key, fallback=None):
@@ -178,7 +180,7 @@ def test_statsd_mappings_give_prometheus_names_and_labels(helm_home):
     mappings = yaml.safe_load(config["data"]["mappings.yml"])["mappings"]
     ours = overlay()["statsd"]["extraMappings"]
     assert all(m in mappings for m in ours)  # rendered into the exporter's config
-    for name in components.NAMES:
+    for name in components.names():
         component = name.replace("-", "_")
         for metric, (prom, labels) in METRICS.items():
             full = f"airflow.safe_{component}.{metric}"  # Airflow's default [metrics] statsd_prefix
@@ -226,7 +228,7 @@ def test_component_runs_as_its_pod_and_its_probe_follows_it(helm_home, deploymen
         env.pop(key)
     # What the secrets (valueFrom) give the pod is the test's: its database, its JWT secret (above).
     # Only for time: Airflow's own "unhealthy after" for this job, 5 s, so the stall timeout is 10 s.
-    section, option = components.get(name).health_threshold
+    section, option = components.get(name).job.health_threshold
     env[f"AIRFLOW__{section.upper()}__{option.upper()}"] = "5"
     prepare(deployment, name)
     env.update({k: v for k, v in deployment.env.items() if k == "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR"})

@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from harness.procs import alive, wait_for
-from safe_scheduler import children, tree
+from safe_scheduler.children import servers as children
+from safe_scheduler.children import tree
 
 
 def _deaf_with_grandchild(pid_queue) -> None:
@@ -76,7 +77,7 @@ def test_stop_is_cut_to_the_time_the_deadline_leaves():
     queue.get()
     deadline = time.monotonic() + 2.0
     started = time.monotonic()
-    children.stop_all([child], child_stop_timeout=30.0, remaining=lambda: deadline - time.monotonic())
+    children.stop_all([child], child_stop_timeout=30.0, room=lambda: deadline - time.monotonic() - 1.0)
     assert time.monotonic() - started < 2.0 + tree.KILL_WAIT, "the stop outlived the deadline"
     assert child.process.exitcode == -signal.SIGKILL
 
@@ -92,7 +93,7 @@ def test_stop_takes_everything_below_us():
 DEATH_SIGNAL_SCRIPT = textwrap.dedent(
     """
     import multiprocessing, os, sys, time
-    from safe_scheduler import forkhook
+    from safe_scheduler.children import forkhook
 
     forkhook.install(5.0)
     worker = multiprocessing.Process(target=time.sleep, args=(600,))
@@ -120,7 +121,7 @@ def test_forked_child_dies_with_a_sigkilled_parent():
 CATCHING_WORKER_SCRIPT = textwrap.dedent(
     """
     import logging, multiprocessing, os, signal, sys, time
-    from safe_scheduler import forkhook
+    from safe_scheduler.children import forkhook
 
     forkhook.install(child_stop_timeout=2.0)
 
@@ -175,18 +176,26 @@ def test_child_that_catches_its_death_signal_still_follows_a_sigkilled_parent(tm
 
 
 # Two threads fork at once, over and over: the main thread's children must carry the death signal
-# and the helper thread's must not (it would fire when that thread ends). A fast switch interval
+# and the helper thread's must not (it would fire when that thread ends). They fork in a worker
+# below the job: the job's own children hold the lifeline and get no death signal at all. A fast switch interval
 # makes the GIL change hands inside the fork path, where a value set by a before-fork hook could be
 # overwritten by the other thread before this one forks.
 CONCURRENT_FORKS_SCRIPT = textwrap.dedent(
     """
     import os, sys, threading
-    from safe_scheduler import forkhook
-    from safe_scheduler.prctl import death_signal
+    from safe_scheduler.children import forkhook
+    from safe_scheduler.base.prctl import death_signal
 
     forkhook.install(5.0)
-    sys.setswitchinterval(1e-6)
     read_end, write_end = os.pipe()
+    worker = os.fork()
+    if worker:
+        os.close(write_end)
+        with os.fdopen(read_end) as reports:
+            sys.stdout.write(reports.read())
+        os.waitpid(worker, 0)
+        sys.exit(0)
+    sys.setswitchinterval(1e-6)
 
     def fork_and_report(tag):
         pid = os.fork()
@@ -202,9 +211,7 @@ CONCURRENT_FORKS_SCRIPT = textwrap.dedent(
         barrier.wait()
         fork_and_report("main")
         helper.join()
-    os.close(write_end)
-    with os.fdopen(read_end) as reports:
-        sys.stdout.write(reports.read())
+    os._exit(0)
     """
 )
 
@@ -226,7 +233,7 @@ UNKILLABLE_SCRIPT = textwrap.dedent(
     """
     import logging, os, sys, time
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
-    from safe_scheduler import tree
+    from safe_scheduler.children import tree
 
     child = os.fork()
     if child == 0:

@@ -12,7 +12,7 @@ import pytest
 
 from harness.cli import HIDDEN_FLAGS, OUR_FLAGS, flags_of, refused, run
 from harness.deployment import PYTHON, SAFE, STOCK, Deployment, base_env
-from safe_scheduler import compat
+from safe_scheduler.base import compat
 
 pytestmark = pytest.mark.all_versions
 
@@ -47,8 +47,9 @@ def test_component_flags_match_installed_airflow(home, name):
     hidden = HIDDEN_FLAGS  # where the command has it
     assert stock_flags - hidden <= our_flags, f"missing: {stock_flags - hidden - our_flags}"
     assert not hidden & our_flags
-    # No executor, no tasks: the task drain and cleanup flags are the scheduler's only.
-    assert our_flags - stock_flags == OUR_FLAGS - {"--task-drain-timeout", "--task-cleanup-timeout"}
+    # No executor, no tasks: the task flags are for the scheduler and the worker only.
+    assert our_flags - stock_flags == OUR_FLAGS - {"--task-drain-timeout", "--task-cleanup-timeout",
+                                                   "--orphaned-task-timeout"}
 
 
 @pytest.mark.parametrize(
@@ -119,7 +120,7 @@ def test_dag_processor_refuses_what_stock_refuses(postgres, tmp_path):
         (["--shutdown-timeout", "4", "--child-stop-timeout", "9"], {}, "must not exceed shutdown_timeout"),
         ([], {"AIRFLOW__SAFE_SCHEDULER__SHUTDOWN_TIMEOUT": "thirty"}, "[safe_scheduler] shutdown_timeout"),
         ([], {"AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT": "-2"}, "[safe_scheduler] child_stop_timeout"),
-        (["--task-cleanup-timeout", "29"], {}, "must not exceed shutdown_timeout"),
+        (["--task-cleanup-timeout", "29"], {}, "must not exceed what shutdown_timeout (30s) leaves the tasks: 22s"),
         ([], {"AIRFLOW__SAFE_SCHEDULER__TASK_DRAIN_TIMEOUT": "-1"}, "[safe_scheduler] task_drain_timeout"),
         (["--num-runs", "oops"], {}, "invalid int value"),
         ([], {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": ""}, "no metadata database configured"),

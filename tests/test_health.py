@@ -175,4 +175,4 @@ def test_no_client_can_stall_the_probe(deployment, postgres):
     assert status == 200
     assert "safe-health" in {name for name, _ in threads_of(proc.job_pid).values()}
     since_start = proc.log().split("Liveness endpoint on", 1)[1].split("\n", 1)[1]
-    assert "safe_scheduler.healthserver" not in since_start and "safe-health" not in since_start, since_start[-3000:]
+    assert "safe_scheduler.liveness.healthserver" not in since_start and "safe-health" not in since_start, since_start[-3000:]

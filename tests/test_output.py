@@ -14,7 +14,7 @@ import threading
 import time
 
 from harness.procs import fill_pipe, wait_for
-from safe_scheduler import watchdog
+from safe_scheduler.shutdown import watchdog
 
 MARGIN = 10.0
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from harness.procs import alive, wait_for
-from safe_scheduler import reaper
+from safe_scheduler.children import parent as reaper
 
 pytestmark = pytest.mark.all_versions
 
@@ -29,11 +29,11 @@ FAKE_JOB = """
     import sys
     import time
 
-    from safe_scheduler import reaper
+    from safe_scheduler.children import parent as reaper
 
 
     def main(out):
-        reaper.follow_parent().tell(float(os.environ["AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT"]))
+        reaper.follow_parent().tell(float(os.environ["AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT"]), "")
         signal.signal(signal.SIGTERM, lambda *_: (open(out + ".term", "w").close(), os._exit(0)))
         # Its own session, as a task's `setsid` or `start_new_session=True` does.
         pids = [subprocess.Popen(["sleep", "600"], start_new_session=True).pid]
@@ -72,7 +72,7 @@ def _start(tmp_path: Path, grace: float = 2.0) -> tuple[subprocess.Popen, Path]:
     pids = tmp_path / "pids"
     # Our parent re-runs sys.argv[0] as the job: here that is the stand-in.
     launcher = (
-        "import sys; from safe_scheduler import reaper; "
+        "import sys; from safe_scheduler.children import parent as reaper; "
         f"sys.argv = [{str(job)!r}, {str(pids)!r}]; reaper.run('scheduler', sys.argv[1:])"
     )
     env = dict(os.environ, AIRFLOW__SAFE_SCHEDULER__CHILD_STOP_TIMEOUT=str(grace))

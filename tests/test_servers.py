@@ -97,7 +97,7 @@ SERVER_WITH_DB = """
     from sqlalchemy import text
     from airflow import settings
     from airflow.utils.session import create_session
-    from safe_scheduler import children
+    from safe_scheduler.children import servers as children
 
     with create_session() as session:
         job_backend = session.execute(text("SELECT pg_backend_pid()")).scalar()

@@ -7,8 +7,8 @@ import threading
 import time
 
 from harness.procs import wait_for
-from safe_scheduler.metrics import Metrics
-from safe_scheduler.stall import StallWatchdog
+from safe_scheduler.base.metrics import Metrics
+from safe_scheduler.liveness.stall import StallWatchdog
 
 
 def _watchdog(timeout: float) -> tuple[StallWatchdog, list[float], list[float]]:

@@ -20,7 +20,7 @@ import pytest
 from harness.components import COMPONENTS, started_component, wait_parsing, with_parsing_process
 from harness.faults import MARGIN, assert_exits, assert_no_orphans, kill, running_tasks, with_running_tasks
 from harness.procs import alive, wait_for
-from safe_scheduler import compat
+from safe_scheduler.base import compat
 
 # 2.x reads ``[core] mp_start_method`` only for the scheduler's DAG-file processor (its manager and
 # parsing processes); the executor's workers always fork there. 3.3 applies it to everything.
@@ -29,6 +29,9 @@ METHODS = ["fork", "forkserver", "spawn"] if compat.AIRFLOW_3 else ["fork", "spa
 NOT_FORK = [method for method in METHODS if method != "fork"]
 #: ``child_stop_timeout`` for the kills: what a process whose job is gone gives its own stop.
 CHILD_STOP = 3.0
+#: These tests are about processes: the tasks are stopped at once when the job goes, with
+#: ``CHILD_STOP`` for their cleanup (``test_work.py`` lets them finish, the default).
+AT_ONCE = ("--orphaned-task-timeout", "0", "--task-cleanup-timeout", str(CHILD_STOP))
 #: What a loaded 2-core machine may add to "gone within child_stop_timeout + 2 s" (polling, reaping).
 LOAD_SLACK = 3.0
 
@@ -51,7 +54,7 @@ def scheduler_with_tasks(deployment, tmp_path, method: str, own_session: bool = 
     _with_method(deployment, method)
     marks = tmp_path / "marks"
     with_running_tasks(deployment, marks)
-    scheduler = deployment.scheduler("--child-stop-timeout", str(CHILD_STOP), own_session=own_session)
+    scheduler = deployment.scheduler("--child-stop-timeout", str(CHILD_STOP), *AT_ONCE, own_session=own_session)
     scheduler.wait_healthy()
     return scheduler, running_tasks(scheduler, marks)
 
@@ -134,7 +137,8 @@ def test_killing_parent_and_job_together_leaves_nothing(deployment, tmp_path, me
     wait_for(lambda: scheduler.listening_on(deployment.log_port), 60, message="serve-logs to listen")
 
     kill(scheduler, "both")
-    took = _gone_by_pid_and_by_session(scheduler, CHILD_STOP + 2 + LOAD_SLACK)
+    # The tasks' cleanup, their kill, and their workers' report of it.
+    took = _gone_by_pid_and_by_session(scheduler, 2 * CHILD_STOP + 2 + LOAD_SLACK)
     print(f"{method}: all gone {took:.1f}s after the kill")
     assert _port_free(deployment.log_port) and _port_free(deployment.endpoint_port("scheduler"))
     again = started_without_workers(deployment)

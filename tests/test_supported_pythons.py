@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from safe_scheduler import tree
+from safe_scheduler.children import tree
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,16 +14,19 @@ import time
 import pytest
 
 from harness.procs import fill_pipe
-from safe_scheduler import exitcodes, watchdog
+from safe_scheduler.base import exitcodes
+from safe_scheduler.shutdown import watchdog
 
 
 PRELUDE = textwrap.dedent(
         """
         import logging, sys, threading
         logging.basicConfig(stream=sys.stderr, level=logging.INFO)
-        from safe_scheduler.shutdown import Cause, Shutdown
-        from safe_scheduler.signals import SignalListener
-        dog = Shutdown(1.5, name="scheduler")
+        from safe_scheduler.base.exitcodes import Cause
+        from safe_scheduler.shutdown.budget import TimePlan
+        from safe_scheduler.shutdown.owner import Shutdown
+        from safe_scheduler.shutdown.signals import SignalListener
+        dog = Shutdown(TimePlan(1.5, 0.0), name="scheduler")
 
         def watch_signals():
             SignalListener(lambda name: dog.begin(f"received {name}", Cause.SIGNAL)).start()
@@ -97,7 +100,7 @@ def test_forced_exit_waits_for_a_queue_listener_to_write_the_stack_dump():
                 time.sleep(0.3)
                 super().emit(record)
 
-        from safe_scheduler.metrics import Metrics
+        from safe_scheduler.base.metrics import Metrics
         Metrics().incr("warm_up")  # Airflow imported, as in a triggerer: the report itself is quick
 
         records = queue.SimpleQueue()
@@ -176,9 +179,9 @@ def test_stall_with_logging_stuck_still_ends_the_process():
     """A scheduler that stopped heartbeating while logging's lock is held by its main thread."""
     done, _ = _run(
         """
-        from safe_scheduler.stall import StallWatchdog
-        from safe_scheduler import exitcodes
-        from safe_scheduler.metrics import Metrics
+        from safe_scheduler.liveness.stall import StallWatchdog
+        from safe_scheduler.base import exitcodes
+        from safe_scheduler.base.metrics import Metrics
         stall = StallWatchdog(1.0, name="scheduler", on_stall=lambda why: dog.begin(why, Cause.STALLED))
         Metrics().gauge("seconds_since_heartbeat", 0)   # Airflow imported and Stats set up, as in a scheduler
         import signal; signal.signal(signal.SIGTERM, lambda *a: None)   # the job would notice it later

@@ -76,7 +76,7 @@ def _endpoint_cpu(pid: int) -> float:
 #: The control's endpoint: the same server, healthy, in a process of its own; prints its port.
 CONTROL = """
 import sys, threading
-from safe_scheduler import healthserver
+from safe_scheduler.liveness import healthserver
 server = healthserver.start("127.0.0.1", 0, healthserver.Health(lambda: 1.0, lambda: False, 60.0))
 print(server.server_address[1], flush=True)
 threading.Event().wait()

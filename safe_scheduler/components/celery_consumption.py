@@ -40,6 +40,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
+from safe_scheduler.components.celery_broker import CONNECT_TIMEOUT
+
 log = logging.getLogger("safe_scheduler.celery_worker")
 
 #: Seconds between two ticks where the consumer has no event loop (a timer thread of Celery's).
@@ -59,14 +61,13 @@ POLL_AT_MOST, POLL_WITHOUT_TIMERS = 10.0, 1.0
 BROKER_SOCKET_TIMEOUT = 10.0
 #: Seconds between two reconnects at most (an ack failing after one must not undo it).
 RECONNECT_GAP = 10.0
-#: Seconds a new broker connection may take.
-BROKER_CONNECT_TIMEOUT = 10.0
-#: URL schemes of kombu's Redis transport, whose connections take the options above.
-REDIS_SCHEMES = ("redis://", "rediss://", "sentinel://", "redis+socket://")
 
 
 def on_redis(app: Any) -> bool:
-    return str(app.conf.broker_url or "").startswith(REDIS_SCHEMES)
+    """Whether the app's broker is Redis, whose connections take the options above."""
+    from safe_scheduler.components.celery_broker import is_redis
+
+    return is_redis(str(app.conf.broker_url or ""))
 
 
 class Consumption:
@@ -268,7 +269,7 @@ def broker_timeouts(app: Any) -> dict[str, Any]:
     options = dict(app.conf.broker_transport_options or {})
     added = {
         key: value
-        for key, value in (("socket_timeout", BROKER_SOCKET_TIMEOUT), ("socket_connect_timeout", BROKER_CONNECT_TIMEOUT),
+        for key, value in (("socket_timeout", BROKER_SOCKET_TIMEOUT), ("socket_connect_timeout", CONNECT_TIMEOUT),
                            ("socket_keepalive", True))
         if key not in options
     }

@@ -21,12 +21,11 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from safe_scheduler import compat
-from safe_scheduler.component import Component, Server
-from safe_scheduler.components.celery_consumption import (
-    BROKER_CONNECT_TIMEOUT, Consumption, broker_timeouts,
-)
-from safe_scheduler.settings import UsageError
+from safe_scheduler.base import compat
+from safe_scheduler.base.errors import UsageError
+from safe_scheduler.components import celery_broker
+from safe_scheduler.components.base import Capability, Component, Job, Run, Server, Tasks
+from safe_scheduler.components.celery_consumption import Consumption, broker_timeouts
 
 
 def find_command() -> Any:
@@ -234,43 +233,7 @@ def new_job_runner(args: argparse.Namespace) -> CeleryWorker:
     return CeleryWorker(app, options)
 
 
-def check_broker(args: argparse.Namespace) -> None:
-    """A Redis broker must answer a PING (``BrokerUnreachable`` while it does not, so that the start
-    waits for it); one that refuses us (a password, a bad URL) is refused at once. Other brokers are
-    left to Celery's own retries on start-up."""
-    from safe_scheduler.dbwait import BrokerUnreachable
-
-    app, _ = _celery_app(args)
-    url = str(app.conf.broker_url or "")
-    if not url.startswith(("redis://", "rediss://")):
-        return
-    import redis
-    from kombu.utils.url import maybe_sanitize_url as redacted
-
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=BROKER_CONNECT_TIMEOUT,
-                                      socket_connect_timeout=BROKER_CONNECT_TIMEOUT)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        if isinstance(exc, redis.AuthenticationError):
-            raise UsageError(f"the Celery broker {redacted(url)} refused us: {exc}") from None
-        raise BrokerUnreachable(f"cannot reach the Celery broker {redacted(url)}: {exc}") from None
-    except (redis.RedisError, ValueError) as exc:
-        raise UsageError(f"the Celery broker {redacted(url)} answers wrong: {type(exc).__name__}: {exc}") from None
-
-
-def on_progress(worker: CeleryWorker, callback: Callable[[], None]) -> None:
-    worker.consumption.on_sign.append(callback)
-
-
-def recover(worker: CeleryWorker) -> str:
-    return worker.consumption.reconnect()
-
-
-def daemon_options(args: argparse.Namespace) -> dict[str, Any]:
+def _daemon_options(args: argparse.Namespace) -> dict[str, Any]:
     """``-D``: the worker's umask (``--umask``, else ``[celery] worker_umask``) and pid file."""
     from airflow import settings as airflow_settings
     from airflow.configuration import conf
@@ -282,29 +245,65 @@ def daemon_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"umask": umask, "pid_file": pid_file}
 
 
+class WorkerJob(Job):
+    """The worker is not an Airflow job: no job row, no heartbeat. Its heartbeat is consumption
+    (``celery_consumption``), its run Celery's ``worker_main``, its cold shutdown SIGQUIT."""
+
+    progress = "sign of consumption"
+    hurry_signals = ("SIGQUIT",)
+
+    def __init__(self) -> None:
+        super().__init__(new_job_runner, ("", ""))
+
+    def stock_words(self, name: str) -> tuple[str, ...]:
+        return ("celery", "worker")
+
+    def airflow_command(self, name: str) -> Any:
+        return find_command()
+
+    def defaults(self) -> dict[str, float]:
+        # The chart gives workers 600 s from SIGTERM to SIGKILL: 585 are the deadline, and the
+        # backstops behind it (8 s) and our parent's last sweep (5 s) fit in the rest.
+        return {"shutdown_timeout": 585.0}
+
+    def stall_default(self, conf: Any) -> tuple[Any, str, float, str]:
+        # No heartbeat of Airflow's to derive it from: six times the broker's socket timeout, so
+        # that one command's timeout comes first.
+        return 60.0, "the worker's stall timeout", 1.0, "60"
+
+    def run(self, worker: CeleryWorker) -> Any:
+        return worker.run()
+
+    def on_progress(self, worker: CeleryWorker, callback: Callable[[], None]) -> None:
+        worker.consumption.on_sign.append(callback)
+
+    def daemon_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        return _daemon_options(args)
+
+
+class Broker(Capability):
+    """The worker's broker: waited for at start like the metadata database, and reconnected to,
+    once, when consumption stops for ``stall_timeout`` (the stall watchdog's recovery)."""
+
+    waits_for = "a Celery broker"
+
+    def awaited(self, args: argparse.Namespace) -> list[tuple[str, Callable[[], None]]]:
+        app, _ = _celery_app(args)
+        url = str(app.conf.broker_url or "")
+        return [("the Celery broker", lambda: celery_broker.check(url))]
+
+    def attach(self, worker: CeleryWorker, run: Run) -> None:
+        run.stall.recover = worker.consumption.reconnect
+
+
 COMPONENT = Component(
     name="celery-worker",
-    health_threshold=None,
-    new_job_runner=new_job_runner,
     health_port=8978,
-    # The chart gives workers 600 s from SIGTERM to SIGKILL: 585 are the deadline, and the backstops
-    # behind it (8 s) and our parent's last sweep (5 s) fit in the rest. The tasks' cleanup (on_kill,
-    # on_termination) gets 60 s, and the drain whatever is left once that, the children's stop and
-    # the kills are paid: 518 s by default, less under a shorter shutdown_timeout (settings.load),
-    # never a refusal. No heartbeat of Airflow's to derive the stall timeout from: 60 s, six times
-    # BROKER_SOCKET_TIMEOUT, so one command's timeout comes first.
-    defaults={"shutdown_timeout": 585.0, "task_cleanup_timeout": 60.0, "stall_timeout": 60.0},
-    run=CeleryWorker.run,
-    on_progress=on_progress,
+    job=WorkerJob(),
     servers=servers,
     check=check,
-    check_broker=check_broker,
-    task_parents=CeleryWorker.pool_pids,
-    process_name="worker",
-    hurry_signals=("SIGQUIT",),
-    progress="sign of consumption",
-    recover=recover,
-    find_command=find_command,
-    stock_words=("celery", "worker"),
-    daemon_options=daemon_options,
+    # The tasks' cleanup (on_kill, on_termination) gets 60 s, and the drain whatever the 585 s
+    # deadline leaves once that, the children's stop and the kills are paid (budget.derive).
+    tasks=Tasks(parents=CeleryWorker.pool_pids, cleanup=60.0),
+    capabilities=(Broker(),),
 )

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from safe_scheduler import compat
-from safe_scheduler.component import Component
-from safe_scheduler.settings import UsageError
+from safe_scheduler.base import compat
+from safe_scheduler.base.errors import UsageError
+from safe_scheduler.components.base import Component, Job
 
 
 def check(args: argparse.Namespace) -> None:
@@ -71,9 +71,7 @@ def new_job_runner(args: argparse.Namespace) -> Any:
 
 COMPONENT = Component(
     name="dag-processor",
-    health_threshold=("dag_processor", "health_check_threshold"),
-    new_job_runner=new_job_runner,
     health_port=8977,
+    job=Job(new_job_runner, ("dag_processor", "health_check_threshold"), prepare=prepare),
     check=check,
-    prepare=prepare,
 )

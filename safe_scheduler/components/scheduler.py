@@ -2,17 +2,36 @@
 
 What differs per Airflow release here: the runner's arguments (2.x parsed DAGs itself: ``subdir``,
 ``do_pickle``; 3.2+ has ``--only-idle``), one executor or several (2.10+), where LocalExecutor keeps
-its workers, and whether the health-check server has a host setting (not on 2.6).
+its workers, a task's own heartbeat (3.x: the task instance's ``last_heartbeat_at``; 2.x: its
+``LocalTaskJob``), and whether the health-check server has a host setting (not on 2.6).
+
+Executor-specific code lives here alone, behind the scheduler's capability (``Executors``): the
+bound on ``executor.end()``, the job row kept alive while its tasks finish, the Celery send hold,
+and adoption within seconds of a peer's death.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from safe_scheduler import compat
-from safe_scheduler.component import Component, Server
-from safe_scheduler.settings import UsageError
+from safe_scheduler.base import compat, output, threads
+from safe_scheduler.base.errors import UsageError
+from safe_scheduler.components import celery_broker
+from safe_scheduler.components.base import Capability, Component, Job, Run, Server, Tasks
+
+log = logging.getLogger("safe_scheduler.scheduler")
+
+#: Seconds between two looks for a peer scheduler whose heartbeat is older than Airflow's
+#: ``[scheduler] scheduler_health_check_threshold``: one small query, from the scheduler's loop.
+PEER_LOOK = 5.0
+#: A task counts as running while its own heartbeat is younger than this many of its intervals.
+TASK_BEATS = 3
 
 
 def check(args: argparse.Namespace) -> None:
@@ -69,10 +88,10 @@ def servers(args: argparse.Namespace) -> list[Server]:
 
 def new_job_runner(args: argparse.Namespace) -> Any:
     """A ``SchedulerJobRunner`` set up as the installed ``airflow scheduler`` command sets it up."""
-    from airflow.jobs.job import Job
+    from airflow.jobs.job import Job as AirflowJob
     from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
 
-    kwargs: dict[str, Any] = {"job": Job(), "num_runs": args.num_runs}
+    kwargs: dict[str, Any] = {"job": AirflowJob(), "num_runs": args.num_runs}
     if hasattr(args, "only_idle"):  # 3.2+
         kwargs["only_idle"] = args.only_idle
     if hasattr(args, "subdir"):  # 2.x: the scheduler parsed DAGs itself
@@ -107,7 +126,7 @@ def executors(job_runner: Any) -> list[Any]:
     return list(found)
 
 
-def executor_worker_pids(executors: list[Any]) -> set[int]:
+def executor_worker_pids(job_runner: Any) -> set[int]:
     """The processes in which the executors run tasks on this host: each task is a child of one.
 
     LocalExecutor keeps its workers in ``workers``: a dict by pid from Airflow 3, a list of
@@ -118,7 +137,7 @@ def executor_worker_pids(executors: list[Any]) -> set[int]:
     import multiprocessing.process
 
     pids: set[int] = set()
-    for executor in executors:
+    for executor in executors(job_runner):
         workers = getattr(executor, "workers", None)
         if isinstance(workers, dict):
             workers = list(workers.values())
@@ -133,12 +152,204 @@ def executor_worker_pids(executors: list[Any]) -> set[int]:
     return pids
 
 
+class Executors(Capability):
+    """The scheduler's executors, wired into the stop.
+
+    * ``end()``, which stock Airflow lets wait for running tasks forever (and Celery's may wait on
+      its broker), runs once the tasks are stopped, within what the deadline leaves;
+    * meanwhile the job row keeps its heartbeat: the tasks still run under this scheduler, and a
+      peer must not reset them while they drain (or, after an unplanned end, finish);
+    * CeleryExecutor's sends are held while its Redis broker does not answer (``celery_broker``);
+    * a peer scheduler that died is known within ``PEER_LOOK`` of Airflow's own threshold, and its
+      task instances are adopted or reset then, not at the next ``orphaned_tasks_check_interval``
+      (300 s); LocalExecutor adopts those whose task still heartbeats instead of resetting them
+      (they report their own end: resetting them would run them twice).
+    """
+
+    def attach(self, job_runner: Any, run: Run) -> None:
+        found = executors(job_runner)
+        for executor in found:
+            if hasattr(executor, "_log") and getattr(executor, "log", None) is not None:
+                executor._log = _WithoutSignalAgain(executor.log)  # LoggingMixin's cached logger
+            executor.end = _end_within_deadline(run, executor.end, job_runner.job)
+            celery_broker.hold_sends(executor, run.metrics)
+            if type(executor).__name__ == "LocalExecutor":
+                executor.try_adopt_task_instances = _adopting_live_tasks(executor.try_adopt_task_instances)
+        if found:
+            _look_for_dead_peers(found[0], job_runner)
+
+
+class _WithoutSignalAgain:
+    """An executor's logger without LocalExecutor's "waiting for running tasks to finish. Signal
+    again if you don't want to wait": that wait is bounded here (``taskstop`` says what it does
+    instead), so the line misleads. A stdlib logger on 2.x, structlog's on 3.x: both go through
+    here."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def info(self, message: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(message, str) and "Signal again if you don't want to wait" in message:
+            return None
+        return self._logger.info(message, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
+def _end_within_deadline(run: Run, end: Any, job: Any) -> Any:
+    """``executor.end()`` once the tasks are stopped, given what the deadline leaves, not forever.
+
+    Past that it is left running in its thread (the process is on its way out), and the stop goes
+    on: the servers and the final sweep still fit, and the exit code stays the cause's.
+    """
+
+    @functools.wraps(end)
+    def end_within_deadline(*args: Any, **kwargs: Any) -> Any:
+        run.shutdown.begin("executor shutdown")
+        if run.tasks is not None:
+            with _JobKeptAlive(job):
+                run.tasks.wait()
+        result: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                result["value"] = end(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                result["error"] = exc
+
+        budget = run.shutdown.plan.executor_may_take(run.shutdown.remaining())
+        if not output.bounded(budget, call):
+            output.in_background(
+                log.warning, "executor.end() did not return within %.1fs; going on without it", budget
+            )
+            return None
+        if "error" in result:
+            raise result["error"]
+        return result.get("value")
+
+    return end_within_deadline
+
+
+class _JobKeptAlive:
+    """The job row's heartbeat while its tasks finish: Airflow's loop, which heartbeats it, is over."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+        self._done = threading.Event()
+
+    def __enter__(self) -> _JobKeptAlive:
+        if getattr(self.job, "id", None) is not None:
+            threads.start_daemon("safe-job-beat", self._beat)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+
+    def _beat(self) -> None:
+        from airflow.jobs.job import Job as AirflowJob
+        from airflow.utils.session import create_session
+
+        every = float(getattr(self.job, "heartrate", 5) or 5)
+        while not self._done.wait(every):
+            try:
+                with create_session() as session:
+                    session.query(AirflowJob).filter(AirflowJob.id == self.job.id).update(
+                        {AirflowJob.latest_heartbeat: datetime.now(timezone.utc)}, synchronize_session=False)
+            except Exception as exc:  # noqa: BLE001 - no database: the peers' threshold decides
+                output.in_background(log.warning, "Could not keep the job's heartbeat while its tasks "
+                                     "finish: %s", type(exc).__name__)
+                return
+
+
+def _look_for_dead_peers(executor: Any, job_runner: Any) -> None:
+    """From the scheduler's loop (each executor heartbeat, at most every ``PEER_LOOK``): once a
+    peer scheduler's heartbeat is older than Airflow's threshold, adopt or reset its task instances
+    now (Airflow's own ``adopt_or_reset_orphaned_tasks``, which never takes a live job's)."""
+    from airflow.configuration import conf
+
+    threshold = conf.getint("scheduler", "scheduler_health_check_threshold")
+    heartbeat = executor.heartbeat
+    last = [time.monotonic()]
+
+    @functools.wraps(heartbeat)
+    def heartbeat_and_look(*args: Any, **kwargs: Any) -> Any:
+        result = heartbeat(*args, **kwargs)
+        if time.monotonic() - last[0] >= PEER_LOOK:
+            last[0] = time.monotonic()
+            try:
+                if _a_peer_died(job_runner.job.id, threshold):
+                    log.warning("A scheduler stopped heartbeating %ds ago or more; adopting or resetting "
+                                "its task instances now", threshold)
+                    job_runner.adopt_or_reset_orphaned_tasks()
+            except Exception:  # noqa: BLE001 - Airflow's own timer still adopts, later
+                log.warning("Looking for dead schedulers failed", exc_info=True)
+        return result
+
+    executor.heartbeat = heartbeat_and_look
+
+
+def _a_peer_died(own_id: Any, threshold: float) -> bool:
+    from airflow.jobs.job import Job as AirflowJob
+    from airflow.utils.session import create_session
+
+    limit = datetime.now(timezone.utc) - timedelta(seconds=threshold)
+    with create_session() as session:
+        return session.query(AirflowJob.id).filter(
+            AirflowJob.job_type == "SchedulerJob", AirflowJob.state == "running",
+            AirflowJob.latest_heartbeat < limit, AirflowJob.id != own_id,
+        ).first() is not None
+
+
+def _adopting_live_tasks(try_adopt: Any) -> Any:
+    """LocalExecutor's ``try_adopt_task_instances``, which resets them all, except those whose task
+    still runs and heartbeats (after its scheduler was killed, it finishes and reports its own end)."""
+
+    @functools.wraps(try_adopt)
+    def try_adopt_task_instances(tis: Any) -> Any:
+        to_reset = list(try_adopt(tis))
+        live = [ti for ti in to_reset if _task_heartbeats(ti)]
+        if live:
+            log.warning("Adopting %d task instance(s) of a dead scheduler whose task still runs and "
+                        "heartbeats (it reports its own end): %s", len(live), ", ".join(map(repr, live)))
+        return [ti for ti in to_reset if ti not in live]
+
+    return try_adopt_task_instances
+
+
+def _task_heartbeats(ti: Any) -> bool:
+    """Whether ``ti``'s task runs and heartbeats: within ``TASK_BEATS`` of its heartbeat interval."""
+    from airflow.configuration import conf
+
+    if str(getattr(ti, "state", "")) not in ("running", "TaskInstanceState.RUNNING"):
+        return False
+    now = datetime.now(timezone.utc)
+    if hasattr(type(ti), "last_heartbeat_at"):  # 3.x: the supervisor heartbeats the task instance
+        interval = conf.getfloat("workers", "min_heartbeat_interval", fallback=5.0)
+        last = ti.last_heartbeat_at
+    else:  # 2.x: the task's LocalTaskJob heartbeats its own job row
+        from airflow.jobs.job import Job as AirflowJob
+        from sqlalchemy.orm import object_session
+
+        interval = conf.getfloat("scheduler", "job_heartbeat_sec", fallback=5.0)
+        session = object_session(ti)
+        job = session.get(AirflowJob, ti.job_id) if session is not None and ti.job_id else None
+        last = job.latest_heartbeat if job is not None and job.state == "running" else None
+    if last is None:
+        return False
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=timezone.utc)
+    return now - last < timedelta(seconds=TASK_BEATS * interval)
+
+
 COMPONENT = Component(
     name="scheduler",
-    health_threshold=("scheduler", "scheduler_health_check_threshold"),
-    new_job_runner=new_job_runner,
+    health_port=8975,
+    job=Job(new_job_runner, ("scheduler", "scheduler_health_check_threshold")),
     servers=servers,
     check=check,
-    executors=executors,
-    task_parents=lambda job_runner: executor_worker_pids(executors(job_runner)),
+    # The cleanup, on a stop: 10 s to cancel external work (an API call), which leaves the drain
+    # 12 s of the default 30 s deadline (budget.derive).
+    tasks=Tasks(parents=executor_worker_pids, cleanup=10.0),
+    capabilities=(Executors(),),
 )

@@ -10,9 +10,9 @@ import argparse
 import inspect
 from typing import Any
 
-from safe_scheduler import compat
-from safe_scheduler.component import Component, Server
-from safe_scheduler.settings import UsageError
+from safe_scheduler.base import compat
+from safe_scheduler.base.errors import UsageError
+from safe_scheduler.components.base import Component, Job, Server
 
 
 def check(args: argparse.Namespace) -> None:
@@ -72,10 +72,8 @@ def new_job_runner(args: argparse.Namespace) -> Any:
 
 COMPONENT = Component(
     name="triggerer",
-    health_threshold=("triggerer", "triggerer_health_check_threshold"),
-    new_job_runner=new_job_runner,
     health_port=8976,
+    job=Job(new_job_runner, ("triggerer", "triggerer_health_check_threshold"), prepare=prepare),
     servers=servers,
     check=check,
-    prepare=prepare,
 )

@@ -8,7 +8,7 @@ import subprocess
 #: The flags ``airflow-safe-<component>`` adds to the stock command's (each names its setting).
 OUR_FLAGS = {
     "--shutdown-timeout", "--child-stop-timeout", "--stall-timeout", "--task-drain-timeout",
-    "--task-cleanup-timeout", "--db-wait-timeout", "--version",
+    "--task-cleanup-timeout", "--orphaned-task-timeout", "--db-wait-timeout", "--version",
 }
 
 

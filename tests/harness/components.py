@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 
 from harness.procs import wait_for
-from safe_scheduler import compat
+from safe_scheduler.base import compat
 
 COMPONENTS = ["triggerer", "dag-processor"]
 JOB_TYPE = {"scheduler": "SchedulerJob", "triggerer": "TriggererJob", "dag-processor": "DagProcessorJob"}

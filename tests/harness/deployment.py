@@ -11,7 +11,7 @@ from pathlib import Path
 from harness import pg
 from harness.procs import SchedulerProcess, http_status, wait_for
 from safe_scheduler import components
-from safe_scheduler.settings import health_port_key
+from safe_scheduler.startup.settings import health_port_key
 
 PYTHON = sys.executable
 SAFE = [PYTHON, "-m", "safe_scheduler"]
@@ -22,7 +22,7 @@ def health_ports() -> dict[str, int]:
     """Our liveness endpoint's default port per component, as the chart's probes expect them (read
     when asked: the components import Airflow, which must not happen before the tests set
     AIRFLOW_HOME)."""
-    return {name: components.get(name).health_port for name in components.NAMES}
+    return {name: components.get(name).health_port for name in components.names()}
 
 
 def tasks_need_api_server_and_dag_processor() -> bool:
@@ -50,7 +50,7 @@ def base_env(home: Path) -> dict:
         PYTHONUNBUFFERED="1",
     )
     # Our liveness endpoints' own free ports: tests run side by side, each with its own ports.
-    for name in components.NAMES:
+    for name in components.names():
         env[health_port_variable(name)] = str(pg.free_port())
     return env
 

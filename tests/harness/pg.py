@@ -175,7 +175,7 @@ def make_template(root: Path, migrate_env: dict, python: str) -> Path:
             [str(bindir() / "createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", DB_ROLE, DB_NAME],
             check=True, capture_output=True, timeout=60, **_as_pg_user(),
         )
-        from safe_scheduler import compat
+        from safe_scheduler.base import compat
 
         env = dict(migrate_env, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=server.url)
         done = subprocess.run(

@@ -16,9 +16,10 @@ import socket
 import threading
 from collections.abc import Callable
 
-from safe_scheduler import output, threads
+from safe_scheduler.base import output
+from safe_scheduler.base import threads
 
-log = logging.getLogger("safe_scheduler.signals")
+log = logging.getLogger("safe_scheduler.shutdown.signals")
 
 SHUTDOWN_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 

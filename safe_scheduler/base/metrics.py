@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-log = logging.getLogger("safe_scheduler.metrics")
+log = logging.getLogger("safe_scheduler.base.metrics")
 
 
 def configured() -> bool:
@@ -41,7 +41,7 @@ class Metrics:
         if not self.on:  # Airflow's own Stats would drop it too
             return
         try:
-            from safe_scheduler import compat
+            from safe_scheduler.base import compat
 
             getattr(compat.stats(), kind)(self.prefix + name, value)
         except Exception:  # noqa: BLE001

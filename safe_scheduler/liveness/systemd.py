@@ -12,7 +12,7 @@ import os
 import socket
 import time
 
-log = logging.getLogger("safe_scheduler.systemd")
+log = logging.getLogger("safe_scheduler.liveness.systemd")
 
 #: Seconds each "still waiting" extends systemd's start timeout by; sent every poll (1 s).
 WAITING_EXTENSION = 10.0

@@ -44,17 +44,26 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
-from safe_scheduler import exitcodes, output, threads, tree
-from safe_scheduler.prctl import death_signal, set_death_signal
+from safe_scheduler.base import exitcodes
+from safe_scheduler.base import output
+from safe_scheduler.base import threads
+from safe_scheduler.children import tree
+from safe_scheduler.base.prctl import death_signal, set_death_signal
 
-log = logging.getLogger("safe_scheduler.forkhook")
+log = logging.getLogger("safe_scheduler.children.forkhook")
 
 #: Signal the kernel sends a child when its parent dies: SIGTERM lets tasks clean up.
 DEFAULT_DEATH_SIGNAL = signal.SIGTERM
+#: Seconds between two looks at an orphaned process's tasks and main thread.
+POLL = 0.1
+#: Where a worker's main thread waits for its next task, and how deep in its stack to look.
+IDLE_IN = ("/multiprocessing/", "/billiard/")
+IDLE_DEPTH = 8
 #: The ``-c`` programs of the interpreters multiprocessing starts by exec that we arm: a spawned
 #: process and the forkserver. The resource tracker is left alone: it outlives the others on
 #: purpose, to clean up after them, and ends once the last of them is gone.
@@ -63,11 +72,12 @@ ARMED_PROGRAMS = ("from multiprocessing.spawn import", "from multiprocessing.for
 #: environment) the child starts as it would have.
 ARMING = (
     "try:\n"
-    "    from safe_scheduler.forkhook import arm\n"
+    "    from safe_scheduler.children.forkhook import arm\n"
     "except ImportError:\n"
     "    pass\n"
     "else:\n"
-    "    arm({job_pid}, {parent_pid}, {child_stop_timeout!r}, {lifeline}, {death_signal}, {forkserver})\n"
+    "    arm({job_pid}, {parent_pid}, {child_stop_timeout!r}, {lifeline}, {death_signal}, {forkserver},"
+    " {orphaned!r}, {cleanup!r})\n"
 )
 
 
@@ -79,11 +89,15 @@ class Lineage:
     """
 
     def __init__(self, job_pid: int, child_stop_timeout: float, lifeline_read: int = -1,
-                 lifeline_write: int = -1, holder_pid: int | None = None) -> None:
+                 lifeline_write: int = -1, holder_pid: int | None = None, orphaned_task_timeout: float = 0.0,
+                 task_cleanup_timeout: float = 0.0) -> None:
         #: The job process, whose end every process below it follows.
         self.job_pid = job_pid
-        #: Seconds a process whose lifeline broke gives its own graceful stop before it kills its tree.
+        #: Seconds a process whose lifeline broke gives its main thread to report a task's end.
         self.child_stop_timeout = child_stop_timeout
+        #: Seconds a task below a process whose lifeline broke may go on, and then its cleanup time.
+        self.orphaned_task_timeout = orphaned_task_timeout
+        self.task_cleanup_timeout = task_cleanup_timeout
         #: The lifeline's ends in this process; -1 where it does not hold that end.
         self.lifeline_read = lifeline_read
         self.lifeline_write = lifeline_write
@@ -121,7 +135,7 @@ class Lineage:
         lifeline = self.lifeline_read if os.getpid() == self.job_pid else -1
         args[at] = ARMING.format(
             job_pid=self.job_pid, parent_pid=os.getpid(), child_stop_timeout=self.child_stop_timeout,
-            lifeline=lifeline, forkserver=args[at].startswith(ARMED_PROGRAMS[1]),
+            lifeline=lifeline, orphaned=self.orphaned_task_timeout, cleanup=self.task_cleanup_timeout, forkserver=args[at].startswith(ARMED_PROGRAMS[1]),
             # Only a main thread's child may get a death signal (see the module's docstring).
             death_signal=threading.current_thread() is threading.main_thread(),
         ) + args[at]
@@ -136,7 +150,8 @@ class Lineage:
         if self.lifeline_write >= 0:
             os.close(self.lifeline_write)  # only the job may hold it, or the pipe never reads as closed
             self.lifeline_write = -1
-        if parent_pid == self.holder_pid:
+        watcher = parent_pid == self.holder_pid and self.lifeline_read >= 0
+        if watcher:
             if parent_pid == self.job_pid:
                 # The job's SIGTERM handler is inherited by fork but meant for it alone: Airflow's
                 # ``_exit_gracefully`` does nothing outside the job, so an executor worker would
@@ -147,7 +162,9 @@ class Lineage:
         elif self.lifeline_read >= 0:
             os.close(self.lifeline_read)  # deeper down: its parent watches the lifeline for it
             self.lifeline_read = -1
-        if forked_from_main_thread:
+        if forked_from_main_thread and not watcher:
+            # A lifeline's watcher gets no death signal: it may run a task, which goes on after an
+            # unplanned end (``_exit_when_orphaned``), and the death signal would stop it.
             self.follow(parent_pid)
 
     def follow(self, parent_pid: int) -> None:
@@ -162,41 +179,69 @@ class Lineage:
         if self.lifeline_read >= 0:
             threads.start_daemon("safe-orphan-wd", self._exit_when_orphaned)
 
+    def lifeline_name(self) -> str:
+        """The lifeline as ``/proc/<pid>/fd`` shows it, by which the tiny parent knows its holders."""
+        return f"pipe:[{os.fstat(self.lifeline_read).st_ino}]" if self.lifeline_read >= 0 else ""
+
     def _exit_when_orphaned(self) -> None:
-        """Block until the job is gone, then make sure this process follows it."""
+        """Block until the job is gone, then follow it: at once if this process runs no task; else
+        once its tasks have finished and reported their own state, within ``orphaned_task_timeout``
+        (past it they are stopped, with their cleanup time), and once its main thread is idle."""
         try:
             while os.read(self.lifeline_read, 1):  # nobody writes: b"" once the job is gone
                 pass
         except OSError:
             return
-        # Logging here may never return (this process's main thread can hold its lock): beside.
-        output.in_background(
-            log.warning, "Job process (pid %d) is gone; pid %d exits within %gs, its own shutdown first",
-            self.job_pid, os.getpid(), self.child_stop_timeout,
-        )
-        time.sleep(self.child_stop_timeout)
+        tasks = [p for p in tree.descendants(recursive=False) if tree.alive(p)]
+        if tasks:
+            # Logging here may never return (this process's main thread can hold its lock): beside.
+            output.in_background(
+                log.warning, "Job process (pid %d) is gone; pid %d lets its %d task(s) finish, up to %gs, then "
+                "stops them", self.job_pid, os.getpid(), len(tasks), self.orphaned_task_timeout,
+            )
+            deadline = time.monotonic() + self.orphaned_task_timeout
+            while any(tree.alive(p) for p in tasks) and time.monotonic() < deadline:
+                time.sleep(POLL)
+            left = [p for p in tasks if tree.alive(p)]
+            if left:  # bounded: the stop logs, and the main thread may hold logging's lock for good
+                output.bounded(self.task_cleanup_timeout + tree.KILL_WAIT + output.SAY_GRACE, tree.stop, left,
+                               self.task_cleanup_timeout, None, "tasks past orphaned_task_timeout")
+            _wait_idle(self.main_ident, self.child_stop_timeout)
         killed = tree.kill_all_below_us()
-        output.bounded(
-            output.SAY_GRACE, log.warning,
-            "Killed %d process(es) below pid %d, which outlived the job process", killed, os.getpid(),
-        )
-        os._exit(exitcodes.FAILED)
+        if killed:
+            output.bounded(output.SAY_GRACE, log.warning,
+                           "Killed %d process(es) below pid %d, which outlived the job process", killed, os.getpid())
+        os._exit(exitcodes.FAILED)  # a child of the job, which is gone: its code is read by nobody
 
 
-def install(child_stop_timeout: float) -> Lineage:
+def _wait_idle(main_ident: int, seconds: float) -> None:
+    """Wait, up to ``seconds``, until the main thread waits for work (blocked in multiprocessing's
+    or billiard's pipes): a worker's task has ended and the worker has reported its end."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        frame, depth = sys._current_frames().get(main_ident), 0
+        while frame is not None and depth < IDLE_DEPTH:
+            if any(part in frame.f_code.co_filename for part in IDLE_IN):
+                return
+            frame, depth = frame.f_back, depth + 1
+        time.sleep(POLL)
+
+
+def install(child_stop_timeout: float, orphaned_task_timeout: float = 0.0, task_cleanup_timeout: float = 0.0) -> Lineage:
     """In the job: tie every process started below it from now on to the job, and to its parent."""
     try:
         death_signal()  # the same system call the children make: find out now if it fails
     except OSError as exc:
         log.warning("Children will get no death signal (prctl: %s): a SIGKILLed process leaves them", exc)
     read_end, write_end = os.pipe()
-    lineage = Lineage(os.getpid(), child_stop_timeout, read_end, write_end)
+    lineage = Lineage(os.getpid(), child_stop_timeout, read_end, write_end,
+                      orphaned_task_timeout=orphaned_task_timeout, task_cleanup_timeout=task_cleanup_timeout)
     lineage.hook()
     return lineage
 
 
 def arm(job_pid: int, parent_pid: int, child_stop_timeout: float, lifeline: int, death: bool,
-        forkserver: bool) -> None:
+        forkserver: bool, orphaned_task_timeout: float = 0.0, task_cleanup_timeout: float = 0.0) -> None:
     """First thing in an interpreter multiprocessing started by exec below the job (``ARMING``).
 
     A spawned process is tied like a forked one: the death signal (where a main thread started
@@ -205,8 +250,9 @@ def arm(job_pid: int, parent_pid: int, child_stop_timeout: float, lifeline: int,
     forks is a hazard, and it ends by itself once the job is gone: its ``alive`` pipe closes).
     """
     holder = os.getpid() if forkserver else job_pid
-    lineage = Lineage(job_pid, child_stop_timeout, lifeline, -1, holder_pid=holder)
-    if death:
+    lineage = Lineage(job_pid, child_stop_timeout, lifeline, -1, holder_pid=holder,
+                      orphaned_task_timeout=orphaned_task_timeout, task_cleanup_timeout=task_cleanup_timeout)
+    if death and (forkserver or lifeline < 0):  # a lifeline's watcher gets none (after_fork_in_child)
         lineage.follow(parent_pid)
     if not forkserver:
         lineage.watch_lifeline()  # passed only to the job's own children

@@ -15,8 +15,11 @@ when the main thread is stuck:
 3. up to ``task_cleanup_timeout`` seconds for them to end;
 4. SIGKILL to what is left, with everything below it.
 
-Steps 1 to 3 are cut so that the servers' stop and the final sweep still fit before the deadline:
-the stop of tasks is planned, so it never costs a forced exit (code 3) by itself.
+Steps 1 to 3 are cut so that the servers' stop and the final sweep still fit before the deadline,
+by the same time plan that ``settings`` validated them with (``budget``): the stop of tasks is
+planned, so it never costs a forced exit (code 3) by itself. After an unplanned end (the parent
+died) the drain is the tasks' own time, ``orphaned_task_timeout``: they go on to their end and
+report their own state, and only those still running after it are stopped.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from collections.abc import Callable
 
 import psutil
 
-from safe_scheduler import output, threads, tree
-from safe_scheduler.metrics import Metrics
-from safe_scheduler.settings import KILL_RESERVE, Settings
+from safe_scheduler.base import output, threads
+from safe_scheduler.base.metrics import Metrics
+from safe_scheduler.children import tree
+from safe_scheduler.shutdown.owner import Shutdown
 
-log = logging.getLogger("safe_scheduler.taskstop")
+log = logging.getLogger("safe_scheduler.shutdown.taskstop")
 
 #: Seconds between two looks at the running tasks.
 POLL = 0.1
@@ -42,20 +46,11 @@ POLL = 0.1
 class TaskStop:
     """Stops the running tasks once, from its own thread, within the time it is given."""
 
-    def __init__(
-        self,
-        find_tasks: Callable[[], list[psutil.Process]],
-        settings: Settings,
-        remaining: Callable[[], float],
-        metrics: Metrics,
-    ) -> None:
-        """``find_tasks``: the top process of each running task. ``remaining``: seconds to the
-        deadline, of which ``settings.after_tasks`` must be left for what comes after the tasks."""
+    def __init__(self, find_tasks: Callable[[], list[psutil.Process]], shutdown: Shutdown, metrics: Metrics) -> None:
+        """``find_tasks``: the top process of each running task. ``shutdown``: its time plan and
+        its deadline, of which what comes after the tasks must be left."""
         self.find_tasks = find_tasks
-        self.task_drain_timeout = settings.task_drain_timeout
-        self.task_cleanup_timeout = settings.task_cleanup_timeout
-        self.after_tasks = settings.after_tasks
-        self.remaining = remaining
+        self.shutdown = shutdown
         self.metrics = metrics
         self._done = threading.Event()
         self._hurry = threading.Event()
@@ -81,11 +76,11 @@ class TaskStop:
         Starts the stop if nothing has yet (a shutdown that began before this was hooked to it).
         """
         self.start()
-        return self._done.wait(max(0.0, self.remaining() - self.after_tasks))
+        return self._done.wait(self.shutdown.plan.executor_may_take(self.shutdown.remaining()))
 
     def _left(self) -> float:
         """Seconds for draining and cleanup: the deadline less what comes after, less our own kill."""
-        return max(0.0, self.remaining() - self.after_tasks - KILL_RESERVE)
+        return self.shutdown.plan.tasks_may_take(self.shutdown.remaining())
 
     def _run(self) -> None:
         try:
@@ -100,18 +95,19 @@ class TaskStop:
         if not running:
             return
         started = time.monotonic()
+        plan = self.shutdown.plan
         output.in_background(
             log.warning, "%d task(s) running at shutdown (pids %s): %s",
             len(running), ", ".join(str(p.pid) for p in running),
-            f"draining up to {self.task_drain_timeout:g}s, then SIGTERM" if self.task_drain_timeout else "SIGTERM",
+            f"up to {plan.task_drain_timeout:g}s to finish, then SIGTERM" if plan.task_drain_timeout else "SIGTERM",
         )
-        drain_until = time.monotonic() + min(self.task_drain_timeout, self._left())
-        while (time.monotonic() < drain_until and not self._hurry.is_set()
-               and any(tree.alive(p) for p in self.find_tasks())):
+        # The plan is read at each look: an unplanned end named meanwhile gives the tasks their own time.
+        while (not self._hurry.is_set() and time.monotonic() - started < self.shutdown.plan.task_drain_timeout
+               and self._left() > 0 and any(tree.alive(p) for p in self.find_tasks())):
             self._hurry.wait(POLL)
 
         signalled: dict[int, psutil.Process] = {}
-        cleanup_until = time.monotonic() + min(self.task_cleanup_timeout, self._left())
+        cleanup_until = time.monotonic() + min(self.shutdown.plan.task_cleanup_timeout, self._left())
         while True:
             current = [p for p in self.find_tasks() if tree.alive(p)]
             fresh = [p for p in current if p.pid not in signalled]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-log = logging.getLogger("safe_scheduler.dbtimeouts")
+log = logging.getLogger("safe_scheduler.startup.dbtimeouts")
 
 #: libpq parameters (psycopg2 and psycopg 3 pass them through); times in seconds, user timeout in ms.
 POSTGRES: dict[str, Any] = {

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from safe_scheduler.prctl import PR_SET_NAME, prctl
+from safe_scheduler.base.prctl import PR_SET_NAME, prctl
 
 #: The kernel keeps 15 bytes of a thread name.
 KERNEL_NAME_MAX = 15

@@ -33,28 +33,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from safe_scheduler import exitcodes, healthserver, output, signals, systemd
-from safe_scheduler.settings import SECTION, Settings, UsageError
+from safe_scheduler.base import exitcodes, output
+from safe_scheduler.base.errors import Unreachable, UsageError
+from safe_scheduler.liveness import healthserver, systemd
+from safe_scheduler.shutdown import signals
+from safe_scheduler.startup.settings import SECTION, Settings
 
-log = logging.getLogger("safe_scheduler.dbwait")
+log = logging.getLogger("safe_scheduler.startup.dbwait")
 
 #: Seconds between two tries: the start comes at most this long after the database is back.
 POLL = 1.0
 #: Seconds between two "still waiting" lines.
 LOG_EVERY = 60.0
-
-
-class Unreachable(UsageError):
-    """A service the job needs does not answer: refused, timed out, a name that does not resolve, a
-    server starting or shutting down (a failover, a restart). Raised by ``preflight``; waited for here."""
-
-
-class DatabaseUnreachable(Unreachable):
-    """The metadata database does not answer."""
-
-
-class BrokerUnreachable(Unreachable):
-    """The Celery broker does not answer."""
 
 
 def wait(check: Callable[[], None], settings: Settings, why: str, what: str = "the metadata database") -> None:
@@ -117,4 +107,6 @@ def _stop(name: str, what: str) -> None:
     driver's connect): nothing has started, so leave at once, with 0 as for any signalled stop."""
     output.bounded(output.SAY_GRACE, log.warning, "%s while waiting for %s; exiting", name, what)
     output.flush_logs()
-    os._exit(exitcodes.OK)
+    # From the listener's thread, which is why os._exit: the main thread may wait in the driver's
+    # connect. Nothing has started, so nothing is left to stop; the code is a signal's, from the table.
+    os._exit(exitcodes.of_stop(exitcodes.Cause.SIGNAL, None))

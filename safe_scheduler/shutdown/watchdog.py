@@ -24,10 +24,11 @@ import threading
 import traceback
 from typing import NoReturn
 
-from safe_scheduler import output, tree
-from safe_scheduler.metrics import Metrics
+from safe_scheduler.base import output
+from safe_scheduler.children import tree
+from safe_scheduler.base.metrics import Metrics
 
-log = logging.getLogger("safe_scheduler.watchdog")
+log = logging.getLogger("safe_scheduler.shutdown.watchdog")
 
 #: Seconds after the deadline at which faulthandler's GIL-free timer ends the process.
 BACKSTOP_MARGIN = 5.0

@@ -33,10 +33,12 @@ from typing import Any
 
 import psutil
 
-from safe_scheduler import compat, output, threads, tree
-from safe_scheduler.metrics import Metrics
-from safe_scheduler.component import key_of
-from safe_scheduler.prctl import set_death_signal
+from safe_scheduler.base import compat
+from safe_scheduler.base import output
+from safe_scheduler.base import threads
+from safe_scheduler.children import tree
+from safe_scheduler.base.metrics import Metrics
+from safe_scheduler.base.prctl import set_death_signal
 
 log = logging.getLogger("safe_scheduler.children")
 
@@ -95,7 +97,7 @@ class ChildProcess:
 
     @property
     def metric_name(self) -> str:
-        return key_of(self.name)
+        return self.name.replace("-", "_")
 
     def start(self) -> None:
         self.process.start()
@@ -112,10 +114,10 @@ class ChildProcess:
 
 
 def stop_all(children: list[ChildProcess], child_stop_timeout: float,
-             remaining: Callable[[], float] | None = None) -> tree.Outcome:
+             room: Callable[[], float] | None = None) -> tree.Outcome:
     """Stop every child and its tree together: SIGTERM, one wait of ``child_stop_timeout``, SIGKILL, reap."""
     procs = [p for p in (c.psutil_process() for c in children) if p is not None]
-    outcome = tree.stop(procs, child_stop_timeout, remaining, what=", ".join(c.name for c in children))
+    outcome = tree.stop(procs, child_stop_timeout, room, what=", ".join(c.name for c in children))
     for child in children:
         if child.process.pid is not None:
             child.process.join(0.5)  # reaped already by tree.stop; this records the exit code
@@ -205,12 +207,12 @@ class Servers:
             self._wake()  # its new sentinel is to be watched
             self.metrics.incr(f"child_restarted.{child.metric_name}")
 
-    def stop(self, child_stop_timeout: float, remaining: Callable[[], float] | None = None) -> tree.Outcome:
+    def stop(self, child_stop_timeout: float, room: Callable[[], float] | None = None) -> tree.Outcome:
         """No more restarts; stop every server that runs, together."""
         self._stopping.set()
         self._wake()
         with self._lock:
-            outcome = stop_all(self.children, child_stop_timeout, remaining)
+            outcome = stop_all(self.children, child_stop_timeout, room)
         self.metrics.incr("children_killed", len(outcome.killed))
         return outcome
 
@@ -218,7 +220,7 @@ class Servers:
 @contextlib.contextmanager
 def running(
     servers: list[tuple[str, Callable[[], Any]]], child_stop_timeout: float,
-    remaining: Callable[[], float] | None = None, metrics: Metrics | None = None,
+    room: Callable[[], float] | None = None, metrics: Metrics | None = None,
 ) -> Iterator[Servers]:
     """Run each ``(name, target)`` in a child for the duration of the block; stop all on every way out."""
     group = Servers([ChildProcess(name, target) for name, target in servers], metrics)
@@ -226,4 +228,4 @@ def running(
         group.start()
         yield group
     finally:
-        group.stop(child_stop_timeout, remaining)
+        group.stop(child_stop_timeout, room)

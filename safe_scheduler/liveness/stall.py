@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from safe_scheduler import output, threads
-from safe_scheduler.metrics import Metrics
-from safe_scheduler.watchdog import format_all_stacks
+from safe_scheduler.base import output
+from safe_scheduler.base import threads
+from safe_scheduler.base.metrics import Metrics
+from safe_scheduler.shutdown.watchdog import format_all_stacks
 
-log = logging.getLogger("safe_scheduler.stall")
+log = logging.getLogger("safe_scheduler.liveness.stall")
 
 #: Seconds between two ``seconds_since_heartbeat`` gauges, where metrics are on.
 GAUGE_EVERY = 1.0

@@ -42,9 +42,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from safe_scheduler import threads
+from safe_scheduler.base import threads
 
-log = logging.getLogger("safe_scheduler.healthserver")
+log = logging.getLogger("safe_scheduler.liveness.healthserver")
 
 PATH = "/health"
 #: Connections served at once. A probe is one; 64 leaves room for a scraper, a person and a

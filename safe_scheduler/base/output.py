@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from safe_scheduler import threads
+from safe_scheduler.base import threads
 
 #: Seconds a line on stderr may take on the way out before it is given up.
 SAY_GRACE = 1.0

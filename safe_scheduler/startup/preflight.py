@@ -17,12 +17,14 @@ import subprocess
 import traceback
 import warnings
 
-from safe_scheduler import __version__, components, dbwait, exitcodes
-from safe_scheduler.dbwait import DatabaseUnreachable, Unreachable
-from safe_scheduler.component import Component
-from safe_scheduler.settings import SECTION, Settings, UsageError, health_port_key
+from safe_scheduler import __version__, components
+from safe_scheduler.base import exitcodes
+from safe_scheduler.base.errors import DatabaseUnreachable, Unreachable, UsageError
+from safe_scheduler.components.base import Component
+from safe_scheduler.startup import dbwait
+from safe_scheduler.startup.settings import SECTION, Settings, health_port_key
 
-log = logging.getLogger("safe_scheduler.preflight")
+log = logging.getLogger("safe_scheduler.startup.preflight")
 
 #: Seconds to wait for the metadata database to accept a connection before giving up.
 DB_CONNECT_TIMEOUT = 10
@@ -36,6 +38,11 @@ UNREACHABLE = (
     "connection reset by peer", "can't connect to mysql server", "lost connection to mysql server",
     "unknown mysql server host",
 )
+
+
+#: The database drivers Airflow's metadata URLs name, by module, and the extra that installs each.
+DRIVERS = {"psycopg": "postgres", "psycopg2": "postgres", "asyncpg": "postgres", "MySQLdb": "mysql",
+           "pymysql": "mysql"}
 
 
 def prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace, Settings]:
@@ -53,13 +60,18 @@ def _load_airflow() -> None:
     try:
         from airflow.configuration import conf  # noqa: F401
 
-        from safe_scheduler import compat  # noqa: F401
+        from safe_scheduler.base import compat  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - Airflow fails at import on a broken config
         if os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "x").strip() == "":
             raise UsageError(
                 "no metadata database configured: AIRFLOW__DATABASE__SQL_ALCHEMY_CONN is empty"
             ) from None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        driver = DRIVERS.get(getattr(exc, "name", "") or "")
+        if isinstance(exc, ModuleNotFoundError) and driver:
+            raise UsageError(f"cannot load Airflow: the database driver {exc.name!r} is not installed; install "
+                             f"Airflow with its extra: pip install 'apache-airflow[{driver}]' with the "
+                             "constraints of your release") from None
         raise UsageError(
             f"cannot load Airflow ({type(exc).__name__}: {message}); "
             "check airflow.cfg and the AIRFLOW__* environment, [database] sql_alchemy_conn first"
@@ -70,11 +82,13 @@ def _prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace,
     _load_airflow()
     from airflow.configuration import conf
 
-    from safe_scheduler import compat, flags, settings
+    from safe_scheduler.base import compat
+    from safe_scheduler.startup import flags
+    from safe_scheduler.startup import settings
 
     component = components.get(name)
     warnings.simplefilter("ignore")  # again: importing Airflow 2.x installs its own warning filters
-    args = flags.build_parser(component).parse_args(argv)
+    args = flags.build_parser(component, conf).parse_args(argv)
     if args.version:
         print(f"{component.prog} {__version__} (Apache Airflow {compat.AIRFLOW_VERSION})")
         raise SystemExit(exitcodes.OK)
@@ -89,8 +103,9 @@ def _prepare(name: str, argv: list[str]) -> tuple[Component, argparse.Namespace,
         key = f"[{SECTION}] {health_port_key(component.name)}"
         check_port_free(config.health_check_server_host, config.health_check_server_port, key)
     _answering(lambda: check_metadata_db(conf), config, "the metadata database")
-    if component.check_broker is not None:
-        _answering(lambda: component.check_broker(args), config, "the Celery broker")
+    for capability in component.capabilities:
+        for what, check in capability.awaited(args):
+            _answering(check, config, what)
     return component, args, config
 
 
@@ -205,7 +220,7 @@ def check_metadata_db(conf) -> None:
             f"the metadata database {_redacted(url)} is not initialised: run 'airflow db migrate' first"
         )
     log.info("Setting up the embedded SQLite metadata database %s", url.database)
-    from safe_scheduler import compat
+    from safe_scheduler.base import compat
 
     done = subprocess.run(compat.migrate_db_command(), capture_output=True, text=True)
     if done.returncode != 0:

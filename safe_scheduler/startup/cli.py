@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from safe_scheduler import exitcodes, reaper
-from safe_scheduler.settings import UsageError
+from safe_scheduler.base import exitcodes
+from safe_scheduler.base.errors import UsageError
+from safe_scheduler.children import parent as tiny_parent
 
 
 def main(argv: list[str], name: str = "scheduler") -> NoReturn:
     prog = f"airflow-safe-{name}"
-    parent = reaper.follow_parent()
+    parent = tiny_parent.follow_parent()
     if parent.no_death_signal:
         print(f"{prog}: warning: no death signal from the parent ({parent.no_death_signal})", file=sys.stderr)
     try:
@@ -25,28 +26,39 @@ def main(argv: list[str], name: str = "scheduler") -> NoReturn:
         # why we refuse to start; they come back once the job runs.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from safe_scheduler import preflight
+            from safe_scheduler.startup import preflight
 
             component, args, settings = preflight.prepare(name, argv)
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(exitcodes.USAGE)
-    parent.tell(settings.child_stop_timeout)
 
-    from safe_scheduler import compat, runner, shutdown
+    from safe_scheduler.base import compat
+    from safe_scheduler.children import forkhook
+    from safe_scheduler.core import runner
+    from safe_scheduler.shutdown import owner
+    from safe_scheduler.startup import dbtimeouts
 
     compat.print_banner()
-    result: dict[str, int] = {}
+    result: dict[str, Any] = {}
 
     def job() -> None:
-        result["code"] = runner.run(component, args, settings, parent)
+        # Here, not before: with -D this runs in the daemon, which the ties must take as the job.
+        plan = settings.plan
+        lineage = forkhook.install(plan.child_stop_timeout, plan.orphaned_task_timeout, plan.task_cleanup_timeout)
+        parent.tell(plan.orphans_gone_within, lineage.lifeline_name())
+        if settings.db_timeouts:
+            dbtimeouts.apply(compat.metadata_engine())
+        result["stop"] = runner.run(component, args, settings, parent)
+        result["code"] = result["stop"].exit_code()
 
     try:
         compat.run_with_daemon_option(args, compat.with_providers_configuration(job), component.daemon_name,
-                                      **component.daemon_options(args))
+                                      **component.job.daemon_options(args))
     except BaseException as exc:  # noqa: BLE001 - e.g. "already running" from the daemon pidfile
         if "code" not in result:
-            result["code"] = shutdown.code_of(exc)
+            result["code"] = exitcodes.of_run(exc)
             if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
                 print(f"{component.prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-    shutdown.leave(result.get("code", exitcodes.FAILED))
+    stop = result.get("stop")
+    owner.leave(result.get("code", exitcodes.FAILED), stop.remaining if stop is not None else lambda: owner.THREAD_JOIN_GRACE)

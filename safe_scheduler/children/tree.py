@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from safe_scheduler.settings import KILL_RESERVE
 
-log = logging.getLogger("safe_scheduler.tree")
+log = logging.getLogger("safe_scheduler.children.tree")
 
 #: Seconds to wait for SIGKILLed processes to be gone before naming them as unkillable.
 KILL_WAIT = 1.0
@@ -47,10 +46,10 @@ def alive(proc: psutil.Process) -> bool:
         return False
 
 
-def descendants(pid: int | None = None) -> list[psutil.Process]:
-    """Every living process below ``pid`` (default: this process)."""
+def descendants(pid: int | None = None, recursive: bool = True) -> list[psutil.Process]:
+    """Every living process below ``pid`` (default: this process); its children only if not ``recursive``."""
     try:
-        return [p for p in psutil.Process(pid or os.getpid()).children(recursive=True) if alive(p)]
+        return [p for p in psutil.Process(pid or os.getpid()).children(recursive=recursive) if alive(p)]
     except psutil.NoSuchProcess:
         return []
 
@@ -116,13 +115,14 @@ def reap() -> None:
 def stop(
     targets: Iterable[psutil.Process],
     grace: float,
-    remaining: Callable[[], float] | None = None,
+    room: Callable[[], float] | None = None,
     what: str = "processes",
 ) -> Outcome:
     """SIGTERM ``targets`` → wait once, up to ``grace`` → SIGKILL what is left, trees included → reap.
 
-    ``remaining``: seconds left until the shutdown deadline; the polite wait is cut so that the
-    kill and reap still fit before it. Processes we may not signal (another user's) and processes
+    ``room``: the longest the polite wait may take now (what the shutdown deadline leaves less the
+    kill's own time, ``TimePlan.polite_room``); the caller's plan, not this primitive, knows it.
+    Processes we may not signal (another user's) and processes
     that outlive SIGKILL are logged by pid with the reason, and counted in the outcome (the caller
     counts the killed ones in its metrics).
     """
@@ -133,7 +133,7 @@ def stop(
     tree = _with_trees(targets)
     refused: dict[int, str] = {}
     send(targets, signal.SIGTERM, refused)
-    wait = grace if remaining is None else max(0.0, min(grace, remaining() - KILL_RESERVE))
+    wait = grace if room is None else max(0.0, min(grace, room()))
     left = _wait_gone(tree, wait)
     outcome.stopped = [p for p in tree if p not in left]
     if left:
