@@ -33,13 +33,13 @@ def service():
     svc.close()
 
 
-def _running_job(deployment, service, mode: str = "wait", **env: str):
+def _running_job(deployment, service, mode: str = "wait", flags: tuple = (), **env: str):
     """A safe scheduler whose one task has started its external job."""
     write_dag(deployment.home / "dags", service.url, mode)
     deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
     deployment.start_task_services()
     scheduler = deployment.scheduler(
-        "--shutdown-timeout", str(SHUTDOWN), "--child-stop-timeout", str(CHILD_STOP), **env
+        *(flags or ("--shutdown-timeout", str(SHUTDOWN), "--child-stop-timeout", str(CHILD_STOP))), **env
     )
     try:
         wait_for(lambda: len(service.jobs) >= 1, 240, interval=0.5, message="the task to start its job")
@@ -92,14 +92,31 @@ def test_sigterm_cancels_the_job_and_exits_0(deployment, service):
     assert service.jobs == {1: "cancelled"}, f"{service.calls}\n{scheduler.log()[-3000:]}"
 
 
-def test_hanging_cleanup_is_cut_at_its_budget(deployment, service):
-    """This stop uses the deadline to the full, so the time the job takes to *notice* the signal
-    counts too: the deadline starts when it does. Once, on a loaded CI machine, the job's main
-    thread and our signal listener both ran 1.7 s after the SIGTERM was sent (the GIL held; our
-    parent passes a signal on in under 4 ms here even under load)."""
-    scheduler = _running_job(deployment, service, mode="hanging-cleanup")
-    code, took = _gone(scheduler, scheduler.signal(signal.SIGTERM))
+@pytest.mark.parametrize(
+    ("flags", "drain", "cleanup"),
+    [((), 0.0, 4.0), (("--shutdown-timeout", "12", "--child-stop-timeout", "2", "--task-drain-timeout", "2",
+                       "--task-cleanup-timeout", "5"), 2.0, 5.0)],
+    ids=["derived", "the-whole-room"],
+)
+def test_a_cleanup_gets_every_second_promised_then_is_cut(deployment, service, flags, drain, cleanup):
+    """A cleanup that takes whatever it is given (it ticks until killed) gets the whole
+    ``task_cleanup_timeout`` the settings promise, after the drain, and the stop still ends by plan
+    (exit 0, not 3) within the deadline. ``derived``: 10 s less the servers' 3 s and 3 kills leave
+    4 s, all cleanup. ``the-whole-room``: 12 - 2 - 3 = 7 s, 2 of drain and 5 of cleanup, to the
+    second (``test_settings.py`` runs the whole grid through the same arithmetic).
+
+    The deadline starts when the job *notices* the signal: once, on a loaded CI machine, that came
+    1.7 s after the SIGTERM was sent (the GIL held)."""
+    shutdown = float(flags[1]) if flags else SHUTDOWN
+    scheduler = _running_job(deployment, service, mode="ticking-cleanup", flags=flags)
+    sent = scheduler.signal(signal.SIGTERM)
+    code, took = _gone(scheduler, sent)
 
     assert code == 0, scheduler.log()[-4000:]
-    assert took < SHUTDOWN + SIGNAL_NOTICE, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
-    assert service.count("/jobs/1/hanging-cleanup") == 1  # the cleanup ran, and hung until killed
+    assert took < shutdown + SIGNAL_NOTICE, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
+    ticks = service.when("/tick")
+    assert ticks, f"the cleanup never ran: {service.calls}"
+    assert ticks[0] - sent >= drain - 0.5, f"SIGTERM {ticks[0] - sent:.1f}s after the signal, before the drain"
+    given = ticks[-1] - ticks[0]
+    # Ticks come every ~0.1 s (a request and a sleep): the last one lands up to ~0.3 s before the kill.
+    assert cleanup - 0.6 <= given <= cleanup + 1.0, f"the cleanup got {given:.1f}s of the {cleanup:g}s promised"

@@ -19,7 +19,7 @@ import pytest
 
 from harness.components import COMPONENTS, started_component, wait_parsing, with_parsing_process
 from harness.faults import MARGIN, assert_exits, assert_no_orphans, kill, running_tasks, with_running_tasks
-from harness.procs import alive, wait_for
+from harness.procs import alive, port_free, wait_for
 from safe_scheduler.base import compat
 
 # 2.x reads ``[core] mp_start_method`` only for the scheduler's DAG-file processor (its manager and
@@ -118,16 +118,6 @@ def _gone_by_pid_and_by_session(proc, within: float) -> float:
     return time.monotonic() - killed
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_killing_parent_and_job_together_leaves_nothing(deployment, tmp_path, method):
     """``pkill -9 -f`` with tasks running: the parent and the job die at once, and nobody is left
@@ -140,7 +130,7 @@ def test_killing_parent_and_job_together_leaves_nothing(deployment, tmp_path, me
     # The tasks' cleanup, their kill, and their workers' report of it.
     took = _gone_by_pid_and_by_session(scheduler, 2 * CHILD_STOP + 2 + LOAD_SLACK)
     print(f"{method}: all gone {took:.1f}s after the kill")
-    assert _port_free(deployment.log_port) and _port_free(deployment.endpoint_port("scheduler"))
+    assert port_free(deployment.log_port) and port_free(deployment.endpoint_port("scheduler"))
     again = started_without_workers(deployment)
     again.signal(signal.SIGTERM)
     assert again.wait_exit(30 + MARGIN) == 0, again.log()[-3000:]

@@ -30,8 +30,8 @@ log = logging.getLogger("safe_scheduler.scheduler")
 #: Seconds between two looks for a peer scheduler whose heartbeat is older than Airflow's
 #: ``[scheduler] scheduler_health_check_threshold``: one small query, from the scheduler's loop.
 PEER_LOOK = 5.0
-#: A task counts as running while its own heartbeat is younger than this many of its intervals.
-TASK_BEATS = 3
+#: A dead scheduler's task runs on while its own heartbeat is younger than this many of its intervals.
+TASK_BEATS = 2
 
 
 def check(args: argparse.Namespace) -> None:
@@ -303,12 +303,12 @@ def _a_peer_died(own_id: Any, threshold: float) -> bool:
 
 def _adopting_live_tasks(try_adopt: Any) -> Any:
     """LocalExecutor's ``try_adopt_task_instances``, which resets them all, except those whose task
-    still runs and heartbeats (after its scheduler was killed, it finishes and reports its own end)."""
+    still runs: after its scheduler was killed, it finishes and reports its own end."""
 
     @functools.wraps(try_adopt)
     def try_adopt_task_instances(tis: Any) -> Any:
         to_reset = list(try_adopt(tis))
-        live = [ti for ti in to_reset if _task_heartbeats(ti)]
+        live = [ti for ti in to_reset if _outlived_its_scheduler(ti)]
         if live:
             log.warning("Adopting %d task instance(s) of a dead scheduler whose task still runs and "
                         "heartbeats (it reports its own end): %s", len(live), ", ".join(map(repr, live)))
@@ -317,29 +317,29 @@ def _adopting_live_tasks(try_adopt: Any) -> Any:
     return try_adopt_task_instances
 
 
-def _task_heartbeats(ti: Any) -> bool:
-    """Whether ``ti``'s task runs and heartbeats: within ``TASK_BEATS`` of its heartbeat interval."""
+def _outlived_its_scheduler(ti: Any) -> bool:
+    """Whether ``ti``'s task still runs: its own heartbeat is younger than ``TASK_BEATS`` of its
+    intervals. Asked once its scheduler's heartbeat is older than Airflow's threshold (30 s), by
+    when a task killed with its scheduler (a container's end) has been silent for the threshold less
+    the scheduler's heartbeat interval (5 s): 25 s, against 10 s at most for one that runs on."""
     from airflow.configuration import conf
+    from airflow.jobs.job import Job as AirflowJob
+    from sqlalchemy.orm import object_session
 
-    if str(getattr(ti, "state", "")) not in ("running", "TaskInstanceState.RUNNING"):
+    session = object_session(ti)
+    if session is None or str(getattr(ti, "state", "")) not in ("running", "TaskInstanceState.RUNNING"):
         return False
-    now = datetime.now(timezone.utc)
     if hasattr(type(ti), "last_heartbeat_at"):  # 3.x: the supervisor heartbeats the task instance
         interval = conf.getfloat("workers", "min_heartbeat_interval", fallback=5.0)
         last = ti.last_heartbeat_at
     else:  # 2.x: the task's LocalTaskJob heartbeats its own job row
-        from airflow.jobs.job import Job as AirflowJob
-        from sqlalchemy.orm import object_session
-
         interval = conf.getfloat("scheduler", "job_heartbeat_sec", fallback=5.0)
-        session = object_session(ti)
-        job = session.get(AirflowJob, ti.job_id) if session is not None and ti.job_id else None
-        last = job.latest_heartbeat if job is not None and job.state == "running" else None
+        task_job = session.get(AirflowJob, ti.job_id) if ti.job_id else None
+        last = task_job.latest_heartbeat if task_job is not None else None
     if last is None:
         return False
-    if last.tzinfo is None:
-        last = last.replace(tzinfo=timezone.utc)
-    return now - last < timedelta(seconds=TASK_BEATS * interval)
+    last = last if last.tzinfo is not None else last.replace(tzinfo=timezone.utc)
+    return datetime.now(timezone.utc) - last < timedelta(seconds=TASK_BEATS * interval)
 
 
 COMPONENT = Component(

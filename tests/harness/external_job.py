@@ -36,17 +36,18 @@ EXTERNAL_JOB_DAG = """
         call("POST", f"/jobs/{{job_id}}/cancel")
 
 
-    def hang_forever(job_id):
-        call("POST", f"/jobs/{{job_id}}/hanging-cleanup")
-        time.sleep(600)
+    def tick_until_killed(job_id):
+        while True:  # a cleanup that takes all the time it is given: its ticks say how long
+            call("POST", f"/jobs/{{job_id}}/tick")
+            time.sleep(0.1)
 
 
     def run_job():
         with on_termination(timeout=60) as stop:
             job = call("POST", "/jobs")["id"]
             stop.add(cancel, job)
-            if MODE == "hanging-cleanup":
-                stop.add(hang_forever, job)   # added last, runs first, and never returns
+            if MODE == "ticking-cleanup":
+                stop.add(tick_until_killed, job)
             while call("GET", f"/jobs/{{job}}")["state"] == "running":
                 time.sleep(0.2)
             raise RuntimeError(f"job {{job}} was cancelled")

@@ -216,7 +216,9 @@ RUNNING_TASKS_DAG = """
     class Sleeper(BaseOperator):
         def execute(self, context):
             open(os.path.join({marks!r}, f"started-{{self.task_id}}"), "w").write(str(os.getpid()))
-            time.sleep(600)
+            with open(os.path.join({marks!r}, f"runs-{{self.task_id}}"), "a") as runs:  # one line a try
+                runs.write(f"{{os.getpid()}} {{time.time()}}\\n")
+            time.sleep({seconds})
 
         def on_kill(self):
             open(os.path.join({marks!r}, f"on_kill-{{self.task_id}}"), "w").write(str(os.getpid()))
@@ -228,13 +230,24 @@ RUNNING_TASKS_DAG = """
 """
 
 
-def with_running_tasks(deployment, marks: Path) -> None:
-    """``RUNNING_TASKS_DAG``, unpaused, its tasks marking into ``marks``; on Airflow 3 with the
-    api-server and dag-processor that tasks need."""
+def with_running_tasks(deployment, marks: Path, seconds: float = 600) -> None:
+    """``RUNNING_TASKS_DAG``, unpaused, its two tasks running ``seconds`` each and marking into
+    ``marks``; on Airflow 3 with the api-server and dag-processor that tasks need."""
     marks.mkdir()
-    (deployment.home / "dags" / "long_tasks.py").write_text(textwrap.dedent(RUNNING_TASKS_DAG.format(marks=str(marks))))
+    dag = RUNNING_TASKS_DAG.format(marks=str(marks), seconds=seconds)
+    (deployment.home / "dags" / "long_tasks.py").write_text(textwrap.dedent(dag))
     deployment.env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
     deployment.start_task_services()
+
+
+def task_states(postgres) -> set[tuple]:
+    """(task, state, try number) of each of ``RUNNING_TASKS_DAG``'s task instances."""
+    return set(postgres.execute("SELECT task_id, state, try_number FROM task_instance WHERE dag_id = 'long_tasks'"))
+
+
+def tries_started(marks: Path) -> dict[str, int]:
+    """How many tries of each task started (each writes a line when it starts)."""
+    return {runs.name[len("runs-"):]: len(runs.read_text().splitlines()) for runs in marks.glob("runs-*")}
 
 
 def running_tasks(scheduler, marks: Path) -> list[psutil.Process]:

@@ -18,6 +18,8 @@ class JobService:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        #: When each call came (``time.monotonic`` of this process), beside ``calls``.
+        self.times: list[float] = []
         self.jobs: dict[int, str] = {}
         service = self
 
@@ -35,6 +37,7 @@ class JobService:
             def do_POST(self) -> None:
                 path, _, query = self.path.partition("?")
                 parts = path.strip("/").split("/")
+                service.times.append(time.monotonic())
                 service.calls.append(self.path)
                 if parts == ["jobs"]:
                     time.sleep(float(query.removeprefix("slow=") or 0))
@@ -54,6 +57,10 @@ class JobService:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def when(self, suffix: str) -> list[float]:
+        """When each call whose path ends with ``suffix`` came."""
+        return [at for at, call in zip(list(self.times), list(self.calls)) if call.endswith(suffix)]
 
     def count(self, prefix: str) -> int:
         return sum(1 for call in list(self.calls) if call.startswith(prefix))

@@ -84,6 +84,19 @@ def stop(popen: subprocess.Popen, timeout: float) -> None:
         popen.wait(10)
 
 
+def port_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on every address now (as ours do, SO_REUSEADDR)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
 def http_status(url: str) -> int | None:
     """HTTP status of a GET of ``url``; None if nothing answers."""
     try:
