@@ -22,6 +22,27 @@ from harness.pg import free_port
 from harness.procs import wait_for
 
 
+def test_a_paused_process_is_not_a_hung_one(deployment, postgres):
+    """SIGSTOP of the job for twice the stall timeout (``docker pause``, a debugger, a frozen VM),
+    then SIGCONT: the watchdog was stopped too and wakes late with no CPU used, so the job gets a
+    fresh interval and runs on, heartbeating (test_frozen_db_is_a_stall... shows a real hang still
+    exits 4)."""
+    scheduler = started_scheduler(deployment, "--stall-timeout", "8")
+    os.kill(scheduler.job_pid, signal.SIGSTOP)
+    time.sleep(16)  # the fault itself: a pause of twice the stall timeout
+    os.kill(scheduler.job_pid, signal.SIGCONT)
+    continued = time.monotonic()
+
+    def latest() -> object:
+        return postgres.execute("SELECT max(latest_heartbeat) FROM job WHERE job_type = 'SchedulerJob'")[0][0]
+
+    before = latest()
+    wait_for(lambda: latest() > before, 10, message="a heartbeat after the pause")
+    assert scheduler.wait_exit(max(0.0, 12 - (time.monotonic() - continued))) is None, scheduler.log()[-3000:]
+    scheduler.signal(signal.SIGTERM)
+    assert scheduler.wait_exit(60) == 0, scheduler.log()[-3000:]
+
+
 def test_frozen_db_is_a_stall_and_the_next_scheduler_works(deployment, postgres, statsd):
     """Every PostgreSQL process SIGSTOPped: stock Airflow waits in libpq forever. We exit 4."""
     scheduler = started_scheduler(

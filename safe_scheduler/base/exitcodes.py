@@ -19,6 +19,8 @@ each outcome has its own number and the numbers never change meaning.
 | bad input before start                         | ``startup``                 | 2 ``USAGE``         |
 | the job process killed (the parent's view)     | the tiny parent             | 128 + the signal    |
 | a child whose job is gone, after its grace     | its lifeline                | 1, read by nobody   |
+| ``doctor``: nothing to do / a zombie path is   | ``doctor``                  | 0 / 1 / 2           |
+| there / bad usage                              |                             |                     |
 
 A cause beats what happens while unwinding from it: SIGTERM is a clean stop (0) even if the
 database connection breaks on the way out, and a stall stays a stall (4) whatever the job raises

@@ -29,6 +29,18 @@ log = logging.getLogger("safe_scheduler.liveness.stall")
 GAUGE_EVERY = 1.0
 #: Seconds past the timeout at which it is looked at (a wait may end a little early).
 LOOK_LATE = 0.05
+#: A wake-up of the watchdog's own this much later than asked for, with almost no CPU used by the
+#: process meanwhile, says the whole process was stopped (SIGSTOP, ``docker pause``, a debugger, a
+#: VM frozen): not the job's fault. A job hung while the watchdog ran wakes it on time.
+PAUSED_AFTER = 1.0
+#: The share of a late wake-up that the process's CPU time may have grown by, for it to be a pause.
+PAUSED_CPU = 0.1
+
+
+def _cpu() -> float:
+    """CPU seconds this process has used (user and system)."""
+    times = os.times()
+    return times.user + times.system
 
 
 class StallWatchdog:
@@ -74,7 +86,15 @@ class StallWatchdog:
         return min(until, GAUGE_EVERY) if self.metrics.on else until
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._next_look()):
+        while True:
+            wait = self._next_look()
+            due, cpu = time.monotonic() + wait, _cpu()
+            if self._stop.wait(wait):
+                return
+            late = time.monotonic() - due
+            if late > PAUSED_AFTER and _cpu() - cpu < PAUSED_CPU * late:
+                self._paused(late)
+                continue
             silent = self.seconds_since_heartbeat()
             if silent >= self.stall_timeout and self.recover is not None and not self._recovering:
                 self._recover(silent)
@@ -82,6 +102,12 @@ class StallWatchdog:
                 self._stalled(silent)
                 return
             self.metrics.gauge("seconds_since_heartbeat", silent)  # a no-op where metrics are off
+
+    def _paused(self, late: float) -> None:
+        """The whole process was stopped, this thread too: the job gets a fresh interval."""
+        self._last_beat = time.monotonic()
+        output.in_background(log.warning, "The process was paused for %.0fs (its own watchdog woke that late, "
+                             "with no CPU used): the %s gets a fresh %gs", late, self.name, self.stall_timeout)
 
     def _recover(self, silent: float) -> None:
         """The first try: the clock starts again, and only a beat ends the recovery."""
