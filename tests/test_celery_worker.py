@@ -101,12 +101,14 @@ def test_a_killed_log_server_comes_back_and_kill_9_leaves_nothing(celery_deploym
     """The worker's log server killed: it listens again within 10 s. Then ``kill -9`` of the PID that
     was started (the tiny parent: the job stops itself, within its deadline) or of the worker's
     main process (the parent sweeps at once): no process is left, and the external job of a task
-    that was running (cancelled in its ``on_termination``) is cancelled."""
+    that was running (cancelled in its ``on_termination``) is cancelled: with
+    ``orphaned_task_timeout`` 0 the tasks are stopped at once (by default they would finish their
+    try first, ``test_work.py``)."""
     dep = celery_deployment
     service = JobService()
     try:
         write_dag(dep.home / "dags", service.url)
-        worker, marks = _started(dep, postgres)
+        worker, marks = _started(dep, postgres, "--orphaned-task-timeout", "0")
         wait_for(lambda: len(service.jobs) >= 1, 240, interval=0.5, message="the task to start its external job")
         _kill_the_log_server_then_the_worker(dep, worker, target)
         assert set(service.jobs.values()) == {"cancelled"}, f"{service.calls}\n{worker.log()[-3000:]}"

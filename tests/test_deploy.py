@@ -158,12 +158,20 @@ def _respawned(conf, first: int) -> int | None:
 
 
 @pytest.mark.all_versions
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (it may end between two looks: no race with the lookup)."""
+    try:
+        return not alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deployment, postgres, test_root):
     conf, supervisord, tree = _supervise(deployment, test_root, str(BIN / "airflow-safe-scheduler"))
     try:
         first = _first_scheduler(conf, deployment)
         postgres.stop("immediate")
-        wait_for(lambda: not alive(psutil.Process(first)) if psutil.pid_exists(first) else True, 60,
+        wait_for(lambda: _gone(first), 60,
                  message="the first scheduler to exit")
         respawned = wait_for(lambda: _respawned(conf, first), 60, interval=0.3, message="supervisord to respawn it")
         assert respawned != first

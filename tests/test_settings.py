@@ -149,6 +149,8 @@ def test_a_config_is_accepted_only_if_the_stop_honours_every_number(shutdown, ch
 def test_orphaned_plan_adds_the_tasks_own_time_to_the_deadline():
     plan = load({}, FakeConf(orphaned_task_timeout="45")).plan.orphaned()
     assert (plan.shutdown_timeout, plan.task_drain_timeout) == (75.0, 45.0)
+    idle = load({}, FakeConf(orphaned_task_timeout="45")).plan.orphaned(tasks_running=False)
+    assert (idle.shutdown_timeout, idle.task_drain_timeout) == (30.0, 0.0)
     assert load({}, FakeConf()).plan.orphans_gone_within == 30.0 + 10.0 + 5.0 + 1.0
 
 

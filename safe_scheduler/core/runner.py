@@ -116,6 +116,7 @@ def _run_job(
         tasks = taskstop.TaskStop(taskstop.below(lambda: parents(job_runner)), shutdown, metrics)
         shutdown.on_begin.insert(0, tasks.start)  # first: the other hooks may be slow, tasks need the time
         shutdown.on_hurry.append(tasks.hurry)
+        shutdown.tasks_running = tasks.running
     run = Run(shutdown=shutdown, stall=stall, metrics=metrics, tasks=tasks)
     for capability in component.capabilities:
         capability.attach(job_runner, run)

@@ -64,12 +64,11 @@ class TimePlan:
         """The longest polite wait (SIGTERM to SIGKILL) that still leaves its kill before the deadline."""
         return max(0.0, remaining - KILL_RESERVE)
 
-    def orphaned(self) -> TimePlan:
-        """The plan after an unplanned end: the tasks' own time first, then the usual stop."""
-        return dataclasses.replace(
-            self, shutdown_timeout=self.orphaned_task_timeout + self.shutdown_timeout,
-            task_drain_timeout=self.orphaned_task_timeout,
-        )
+    def orphaned(self, tasks_running: bool = True) -> TimePlan:
+        """The plan after an unplanned end: the tasks' own time first, then the usual stop (with no
+        task running, the usual stop alone)."""
+        own = self.orphaned_task_timeout if tasks_running else 0.0
+        return dataclasses.replace(self, shutdown_timeout=own + self.shutdown_timeout, task_drain_timeout=own)
 
     @property
     def orphans_gone_within(self) -> float:

@@ -67,6 +67,8 @@ class Shutdown:
         self.on_hurry: list[Callable[[], None]] = []
         #: Called once when the stop is known unplanned (the parent died), whenever that is named.
         self.on_orphaned: list[Callable[[], None]] = []
+        #: Whether tasks run below the job now: only they get time of their own after an unplanned end.
+        self.tasks_running: Callable[[], bool] = lambda: False
         self._lock = threading.Lock()
 
     @property
@@ -84,12 +86,13 @@ class Shutdown:
         ``cause`` None only starts the clock: the executor's ``end()`` runs on every way out of
         Airflow's loop, before we know which way it was.
         """
+        running = cause is Cause.ORPHANED and self.cause is None and self.tasks_running()
         with self._lock:
             orphaned = cause is Cause.ORPHANED and self.cause is None
             if cause is not None and self.cause is None:
                 self.cause = cause
             if orphaned:
-                self.plan = self.plan.orphaned()
+                self.plan = self.plan.orphaned(running)
             again = self.started_at is not None
             if again and orphaned:  # named after the clock started: the tasks' own time is added still
                 self.backstops.arm(self.remaining())

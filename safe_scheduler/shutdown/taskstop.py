@@ -65,6 +65,10 @@ class TaskStop:
             self._started = True
         threads.start_daemon("safe-taskstop", self._run)
 
+    def running(self) -> bool:
+        """Whether any task runs now."""
+        return any(tree.alive(p) for p in self.find_tasks())
+
     def hurry(self) -> None:
         """"Stop now" (a second signal): the drain ends at once; the cleanup time stays."""
         self._hurry.set()
