@@ -132,6 +132,9 @@ def main(argv: list[str]) -> int:
     if shutil.which("patch") is None:
         print("cannot check the patches: the 'patch' command is not installed", file=sys.stderr)
         return 1 if needs_patch else 0
+    # Absolute: ``patch -d`` changes directory before it opens ``-i``, so a relative path would be
+    # looked for inside site-packages ("does not fit" for every patch).
+    args.patches = args.patches.resolve()
     if not args.patches.is_dir():
         print(f"no patches directory at {args.patches}; pass --patches DIR", file=sys.stderr)
         return 1 if needs_patch else 0

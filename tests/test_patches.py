@@ -128,3 +128,12 @@ def test_patched_stock_triggerer_exits_where_unpatched_hangs(deployment, postgre
     assert triggerer.exited_at - fault < 10 + RUNNER_ESCALATION + MARGIN
     assert "most recent call first" in triggerer.log()  # faulthandler's stack dump at the deadline
     assert_no_orphans(triggerer)
+
+
+def test_doctor_reads_a_relative_patches_path_as_it_reads_the_whole_one():
+    """``--patches patches/`` (what patches/README.md says) once gave "does not fit" for every
+    patch: ``patch -d`` changes directory before it opens ``-i``."""
+    runs = [subprocess.run([PYTHON, "-m", "safe_scheduler", "doctor", "--patches", path], cwd=REPO,
+                           capture_output=True, text=True, timeout=120) for path in ("patches/", str(PATCHES))]
+    assert runs[0].returncode == runs[1].returncode and runs[0].stdout == runs[1].stdout, runs
+    assert "applies" in runs[0].stdout or "applied" in runs[0].stdout, runs[0].stdout
