@@ -271,6 +271,10 @@ def main(argv: list[str]) -> int:
         AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(16),
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
         AIRFLOW__API__PORT=str(api_port), PYTHONUNBUFFERED="1",
+        # The api-server answers a task from the embedded SQLite database, one writer at a time: on a
+        # busy machine its first answers can take longer than the 5 s a task waits by default, and
+        # the task then fails before it starts (seen once under the test suite's load).
+        AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="30",
     )
     # Our endpoints' and the log servers' ports: as set in the environment, else the defaults, unless
     # something here already holds them.
