@@ -3,8 +3,8 @@ success, then one fault side by side with stock, and a verdict. Run by ``scripts
 installs first; ends by itself with exit 0 (``--keep`` leaves the family running until Ctrl-C).
 
 1. ``airflow-safe-scheduler`` starts first: it sets up the SQLite database in ``AIRFLOW_HOME``.
-2. ``airflow-safe-dag-processor``, ``airflow-safe-triggerer`` and a stock ``airflow api-server``
-   (tasks talk to it from Airflow 3 on) join it.
+2. ``airflow-safe-dag-processor``, ``airflow-safe-triggerer`` and ``airflow-safe-api-server``
+   (tasks talk to it from Airflow 3 on; it listens on 127.0.0.1 only) join it.
 3. The DAG ``safe_demo`` runs: a task, a deferred wait (the triggerer's), and a task whose cleanup
    is registered with ``on_termination``. Progress is read from the database.
 4. The family stops on SIGTERM: exit codes, seconds, processes left.
@@ -63,6 +63,7 @@ DAG = """
 PORTS = (("AIRFLOW__SAFE_SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT", 8975),
          ("AIRFLOW__SAFE_SCHEDULER__TRIGGERER_HEALTH_CHECK_SERVER_PORT", 8976),
          ("AIRFLOW__SAFE_SCHEDULER__DAG_PROCESSOR_HEALTH_CHECK_SERVER_PORT", 8977),
+         ("AIRFLOW__SAFE_SCHEDULER__API_SERVER_HEALTH_CHECK_SERVER_PORT", 8979),
          ("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", 8793),
          ("AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT", 8794))
 
@@ -291,10 +292,10 @@ def main(argv: list[str]) -> int:
         endpoint = f"http://127.0.0.1:{env['AIRFLOW__SAFE_SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT']}/health"
         wait_for(lambda: _up(procs, "scheduler") and http_ok(endpoint), 300, "the scheduler's liveness endpoint")
         say(f"  healthy: {endpoint}")
-        say("2/5 airflow-safe-dag-processor, airflow-safe-triggerer and airflow api-server")
+        say("2/5 airflow-safe-dag-processor, airflow-safe-triggerer and airflow-safe-api-server")
         procs.start("dag-processor", [str(BIN / "airflow-safe-dag-processor")])
         procs.start("triggerer", [str(BIN / "airflow-safe-triggerer")])
-        procs.start("api-server", [PYTHON, "-m", "airflow", "api-server", "--port", str(api_port)])
+        procs.start("api-server", [str(BIN / "airflow-safe-api-server"), "--host", "127.0.0.1", "--port", str(api_port)])
         wait_for(lambda: all(_up(procs, n) for n in family) and http_ok(f"http://127.0.0.1:{api_port}/api/v2/monitor/health"),
                  300, "the api-server")
         say("3/5 the DAG safe_demo: a task, a deferred wait (the triggerer's), a task with an on_termination cleanup")

@@ -194,6 +194,25 @@ def test_statsd_mappings_give_prometheus_names_and_labels(helm_home):
             assert got == {"component": component, **labels}, (full, got)
 
 
+
+@pytest.mark.parametrize("post_renderer", [False, True], ids=["values-only", "post-rendered"])
+def test_rendered_api_server_runs_the_safe_command_and_its_stop_fits_the_grace(helm_home, post_renderer):
+    """The api-server runs our command; its probes start no CLI (the chart's httpGet), and with the
+    post-renderer its liveness and startup probes ask our endpoint; the readiness probe stays the
+    chart's; its whole stop fits in the pod's grace (Kubernetes' 30 s: the chart sets none)."""
+    docs = render(helm_home, "--set", f"images.airflow.repository={IMAGE}", post_renderer=post_renderer)
+    main = container(docs, "api-server")
+    assert main["args"] == ["bash", "-c", "exec airflow-safe-api-server"]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    shutdown = _shutdown_timeout(env, "api-server")
+    grace = workload(docs, "api-server")["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    assert grace > shutdown + watchdog.BACKSTOP_MARGIN + watchdog.ALARM_MARGIN + reaper.KILL_WAIT, (grace, shutdown)
+    ours = (health_ports()["api-server"], "/health")
+    for key in ("livenessProbe", "startupProbe", "readinessProbe"):
+        probe = main[key]
+        assert "httpGet" in probe and "exec" not in probe, probe
+        assert (probe_target(probe) == ours) == (post_renderer and key != "readinessProbe"), (key, probe)
+
 # -- each component as its pod runs it -------------------------------------------------------------
 
 

@@ -109,6 +109,7 @@ def test_frozen_db_is_a_stall(deployment, postgres, statsd, name):  # noqa: F811
 # -- The same faults under stock Airflow: the tests above can tell the difference. ----------------
 
 
+@pytest.mark.stock
 @pytest.mark.parametrize("name", COMPONENTS)
 def test_stock_with_a_logging_thread_never_exits(deployment, postgres, name):
     (deployment.home / "config" / "leaky_logging.py").write_text(textwrap.dedent(LEAKY_LOGGING))

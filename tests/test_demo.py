@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import threading
 import time
 
 import psutil
@@ -33,8 +34,11 @@ def test_demo_runs_the_family_and_ends_by_itself(tmp_path):
     for variable in ("AIRFLOW__SAFE_SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT",
                      "AIRFLOW__SAFE_SCHEDULER__TRIGGERER_HEALTH_CHECK_SERVER_PORT",
                      "AIRFLOW__SAFE_SCHEDULER__DAG_PROCESSOR_HEALTH_CHECK_SERVER_PORT",
+                     "AIRFLOW__SAFE_SCHEDULER__API_SERVER_HEALTH_CHECK_SERVER_PORT",
                      "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"):
         env[variable] = str(pg.free_port())
+    home = str(tmp_path / "demo" / "airflow")
+    seen = _Seen(home)
     started = time.monotonic()
     demo = subprocess.Popen([str(REPO / "scripts" / "demo")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
@@ -43,6 +47,7 @@ def test_demo_runs_the_family_and_ends_by_itself(tmp_path):
         first_after = time.monotonic() - started
         rest, _ = demo.communicate(timeout=600)
     finally:
+        seen.done = True
         if demo.poll() is None:
             demo.kill()
             demo.wait(10)
@@ -55,4 +60,34 @@ def test_demo_runs_the_family_and_ends_by_itself(tmp_path):
             "SELECT count(*) FROM task_instance WHERE dag_id = 'safe_demo' AND state = 'success'").fetchone()[0]
     assert runs == [("success",)], rest[-4000:]
     assert succeeded == 3  # the task, the deferred wait, the task with a cleanup
-    assert not _started_by(str(tmp_path / "demo" / "airflow")), "the demo left processes behind"
+    assert not _started_by(home), "the demo left processes behind"
+    # The api-server was ours, and its port was bound to the loopback only (the admin password is printed).
+    assert any("airflow-safe-api-server" in c for c in seen.commands), seen.commands
+    assert not any("airflow api-server" in c for c in seen.commands), seen.commands
+    assert seen.api_binds and seen.api_binds <= {"127.0.0.1"}, seen.api_binds
+
+
+class _Seen:
+    """What the demo's processes were, and where its api-server's port was bound, looked at each second."""
+
+    def __init__(self, home: str) -> None:
+        self.home = home
+        self.commands: set[str] = set()
+        self.api_binds: set[str] = set()
+        self.done = False
+        threading.Thread(target=self._look, daemon=True).start()
+
+    def _look(self) -> None:
+        while not self.done:
+            for proc in _started_by(self.home):
+                try:
+                    self.commands.add(" ".join(proc.cmdline()))
+                    port = int(proc.environ().get("AIRFLOW__API__PORT") or 0)
+                    # Below it too: a retitled process (setproctitle) no longer shows its environment.
+                    for below in [proc, *proc.children(recursive=True)]:
+                        for conn in below.net_connections(kind="tcp"):
+                            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                                self.api_binds.add(conn.laddr.ip)
+                except (psutil.Error, ValueError):
+                    continue
+            time.sleep(1.0)

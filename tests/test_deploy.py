@@ -191,6 +191,7 @@ def test_supervisord_respawns_the_safe_scheduler_when_the_db_goes_away(deploymen
     assert not tree.survivors()
 
 
+@pytest.mark.stock
 @pytest.mark.all_versions
 def test_supervisord_and_stock_scheduler(deployment, postgres, test_root):
     """Documents stock ``airflow scheduler`` under supervisord: where the #32706 zombie path is

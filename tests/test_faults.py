@@ -239,6 +239,7 @@ def test_stock_scheduler_sigkill_leaves_orphans(deployment):
     assert len(scheduler.survivors()) >= 6  # serve-logs, health check, 4 workers: all orphaned
 
 
+@pytest.mark.stock
 def test_stock_scheduler_with_leaked_thread_never_exits(deployment, postgres):
     """Documents the problem: a plugin's non-daemon thread keeps a failed stock scheduler alive."""
     deployment.add_plugin("leaky_thread", LEAKY_THREAD_PLUGIN)

@@ -54,6 +54,8 @@ class Run:
     metrics: Metrics
     #: The stop of the tasks that run below the job; None where none do.
     tasks: TaskStop | None
+    #: What the liveness endpoint adds to its body: callables that answer from memory, a dict each.
+    notes: list[Callable[[], dict[str, Any]]]
 
 
 class Capability:

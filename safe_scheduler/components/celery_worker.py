@@ -230,7 +230,19 @@ def new_job_runner(args: argparse.Namespace) -> CeleryWorker:
         options += ["--pool", pool]
         maybe_patch_concurrency(["-P", pool])
     broker_timeouts(app)
+    _tasks_outlive_a_killed_worker()
     return CeleryWorker(app, options)
+
+
+def _tasks_outlive_a_killed_worker() -> None:
+    """Celery 5.3+ gives each pool process SIGKILL as its death signal: a ``kill -9`` of the worker
+    would kill the pool, and the tasks below it would lose their try (and race the parent's sweep
+    for their cleanup). The lifeline (``forkhook``) ends a pool process once the worker is gone,
+    after its tasks have had ``orphaned_task_timeout`` and their cleanup."""
+    from celery import platforms
+
+    if hasattr(platforms, "set_pdeathsig"):  # read by the pool's initializer at each fork
+        platforms.set_pdeathsig = lambda *args, **kwargs: None
 
 
 def _daemon_options(args: argparse.Namespace) -> dict[str, Any]:

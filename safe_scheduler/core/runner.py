@@ -55,9 +55,10 @@ def run(component: Component, args: argparse.Namespace, settings: Any, parent: P
     shutdown.on_begin += [notifier.stopping, stall.stop]
     signals.SignalListener(_listener(shutdown, parent, component.job.hurry_signals),
                            also=component.job.hurry_signals).start()
+    notes: list[Any] = []  # what a capability adds to the endpoint's body (``Run.notes``)
     try:
-        endpoint = _serve_health(settings, shutdown, stall)
-        _run_job(component, args, settings, shutdown, stall, notifier, metrics, endpoint)
+        endpoint = _serve_health(settings, shutdown, stall, notes)
+        _run_job(component, args, settings, shutdown, stall, notifier, metrics, endpoint, notes)
     except BaseException as exc:  # noqa: BLE001 - every way out must reach the sweep below
         shutdown.run_ended(exc)
     else:
@@ -95,7 +96,7 @@ def _listener(shutdown: Shutdown, parent: Parent, hurry_signals: tuple[str, ...]
 
 def _run_job(
     component: Component, args: argparse.Namespace, settings: Any, shutdown: Shutdown,
-    stall: StallWatchdog, notifier: systemd.Notifier, metrics: Metrics, endpoint: Any,
+    stall: StallWatchdog, notifier: systemd.Notifier, metrics: Metrics, endpoint: Any, notes: list[Any],
 ) -> None:
     job = component.job
     set_mp_start_method(component.key)
@@ -117,7 +118,7 @@ def _run_job(
         shutdown.on_begin.insert(0, tasks.start)  # first: the other hooks may be slow, tasks need the time
         shutdown.on_hurry.append(tasks.hurry)
         shutdown.tasks_running = tasks.running
-    run = Run(shutdown=shutdown, stall=stall, metrics=metrics, tasks=tasks)
+    run = Run(shutdown=shutdown, stall=stall, metrics=metrics, tasks=tasks, notes=notes)
     for capability in component.capabilities:
         capability.attach(job_runner, run)
 
@@ -141,13 +142,14 @@ def _run_job(
             signals.hold(shutdown.remaining)
 
 
-def _serve_health(settings: Any, shutdown: Shutdown, stall: StallWatchdog) -> healthserver.HealthServer | None:
+def _serve_health(settings: Any, shutdown: Shutdown, stall: StallWatchdog,
+                  notes: list[Any]) -> healthserver.HealthServer | None:
     """Our liveness endpoint, from the first moment: the heartbeat age counts from here until the
     job's first heartbeat, and shutdown turns it to 503."""
     if not settings.enable_health_check:
         return None
     health = healthserver.Health(
-        stall.seconds_since_heartbeat, lambda: shutdown.started_at is not None, settings.unhealthy_after,
+        stall.seconds_since_heartbeat, lambda: shutdown.started_at is not None, settings.unhealthy_after, notes,
     )
     host, port = settings.health_check_server_host, settings.health_check_server_port
     try:

@@ -72,15 +72,21 @@ class Health:
     """Healthy while heartbeats are recent and shutdown has not begun; the age says how recent."""
 
     def __init__(self, seconds_since_heartbeat: Callable[[], float], shutting_down: Callable[[], bool],
-                 unhealthy_after: float) -> None:
+                 unhealthy_after: float, notes: list[Callable[[], dict]] | None = None) -> None:
         self.seconds_since_heartbeat = seconds_since_heartbeat
         self.shutting_down = shutting_down
         self.unhealthy_after = unhealthy_after
+        #: More for the body, never for the verdict (the api-server's word on the database): each
+        #: must answer from memory, as the rest of the body does.
+        self.notes = [] if notes is None else notes
 
     def answer(self) -> tuple[bool, dict]:
         age = self.seconds_since_heartbeat()
         healthy = not self.shutting_down() and age < self.unhealthy_after
-        return healthy, {"status": "healthy" if healthy else "unhealthy", "seconds_since_heartbeat": round(age, 1)}
+        body = {"status": "healthy" if healthy else "unhealthy", "seconds_since_heartbeat": round(age, 1)}
+        for note in list(self.notes):
+            body.update(note())
+        return healthy, body
 
 
 class Waiting:

@@ -9,10 +9,8 @@ exit code 2 before a single process is forked.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
-import socket
 import subprocess
 import traceback
 import warnings
@@ -20,6 +18,7 @@ import warnings
 from safe_scheduler import __version__, components
 from safe_scheduler.base import exitcodes
 from safe_scheduler.base.errors import DatabaseUnreachable, Unreachable, UsageError
+from safe_scheduler.base.ports import check_port_free
 from safe_scheduler.components.base import Component
 from safe_scheduler.startup import dbwait
 from safe_scheduler.startup.settings import SECTION, Settings, health_port_key
@@ -128,23 +127,6 @@ def _unforeseen(exc: BaseException, name: str) -> UsageError:
         f"could not prepare the {name}: {type(exc).__name__}: "
         f"{text.splitlines()[0] if text else 'no message'}{at}"
     )
-
-
-def check_port_free(host: str, port: int, what: str) -> None:
-    """Fail if a server of ours could not bind ``host:port``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # Servers set SO_REUSEADDR too, so a port in TIME_WAIT counts as free, as it would for them.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host or "", port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise UsageError(
-                    f"port {port} ({what}) is already in use; is another scheduler, triggerer, "
-                    "worker or log server still running on this host?"
-                ) from None
-            raise UsageError(f"cannot bind port {port} ({what}): {exc.strerror}") from None
 
 
 def _redacted(url) -> str:
