@@ -8,7 +8,7 @@ absolute time (this machine is noisy). Writes ``bench/results/latest.md`` and ``
     scripts/bench --quick         # 1 repetition, small load: proves it works
 
 Each section is a module of ``bench/sections`` (faults, kills, tasks, probes, celery, overhead,
-flood, outages, heal);
+flood, outages, heal, api_server);
 ``bench/lab.py`` holds what they share. The liveness-probe rows need ``scripts/k8s-tools`` (helm).
 """
 
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from lab import COMPONENTS, REPO, SAFE_ARGS, Lab
-from sections import celery, faults, flood, heal, kills, outages, overhead, probes, tasks, worker
+from sections import api_server, celery, faults, flood, heal, kills, outages, overhead, probes, tasks, worker
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -59,6 +59,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="heal time after each of these faults, stock vs safe (default: all; none: skip)")
     parser.add_argument("--heal-limit", type=float, default=420.0,
                         help="seconds after a fault until which heal is awaited (default 420)")
+    parser.add_argument("--no-api-server", action="store_true",
+                        help="skip the api-server's requests a second and CPU per request (Airflow 3)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
@@ -83,6 +85,7 @@ def sections(args: argparse.Namespace) -> dict:
         "endpoint_flood": (flood, not args.no_flood),
         "outages": (outages, args.outages and args.restart_policies),
         "heal": (heal, args.heal),
+        "api_server": (api_server, not args.no_api_server),
     }
     return {key: module for key, (module, on) in wanted.items() if on}
 

@@ -29,16 +29,19 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
+try:
+    import psutil
+except ImportError:  # ``scripts/demo --help`` before the install: Debian's python3, which only parses
+    psutil = None
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
 DAG = """
-    from datetime import datetime, timedelta
+    from datetime import datetime
 
-    from airflow.providers.standard.sensors.time_delta import TimeDeltaSensor
+    from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
     from airflow.sdk import DAG, task
 
     from safe_scheduler.tasks import on_termination
@@ -55,7 +58,10 @@ DAG = """
                 stop.add(print, "if this task were stopped, its external job would be cancelled here")
                 return "done"
 
-        hello() >> TimeDeltaSensor(task_id="deferred_wait", delta=timedelta(seconds=3), deferrable=True) >> with_cleanup()
+        # Five seconds after it starts: it defers to the triggerer at once, and resumes from it.
+        wait = DateTimeSensorAsync(task_id="deferred_wait",
+                                   target_time="{{ macros.datetime.utcnow() + macros.timedelta(seconds=5) }}")
+        hello() >> wait >> with_cleanup()
 """
 
 
@@ -201,7 +207,8 @@ def run_dag(db: Path, timeout: float) -> str:
         for task_id, state in query(db, "SELECT task_id, state FROM task_instance WHERE dag_id = 'safe_demo'"):
             if state and shown.get(task_id) != state:
                 shown[task_id] = state
-                say(f"  {task_id}: {state}")
+                say(f"  {task_id}: {state}" + ("  (handed to airflow-safe-triggerer, which resumes it)"
+                                               if state == "deferred" else ""))
         runs = query(db, "SELECT state FROM dag_run WHERE dag_id = 'safe_demo'")
         if runs and runs[0][0] in ("success", "failed"):
             return runs[0][0]
@@ -241,7 +248,7 @@ def _name(proc: psutil.Process) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--keep", action="store_true",
                         help="after the DAG run, keep the family running (UI URL and login printed) until Ctrl-C")
     parser.add_argument("--no-fault", action="store_true", help="skip the kill -9 comparison with stock")

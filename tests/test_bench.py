@@ -13,7 +13,7 @@ def test_bench_quick_mode_writes_its_report_and_chart(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-overhead", "--tasks", "--scenarios", "SIGKILL",
          "--components", "scheduler", "triggerer", "--limit", "20", "--no-probes", "--no-celery", "--no-worker",
-         "--no-flood", "--outages", "--start-methods", "--heal", "--out", str(tmp_path)],
+         "--no-flood", "--outages", "--start-methods", "--heal", "--no-api-server", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -60,6 +60,11 @@ def test_demo_runs_the_family_and_ends_by_itself(tmp_path):
             "SELECT count(*) FROM task_instance WHERE dag_id = 'safe_demo' AND state = 'success'").fetchone()[0]
     assert runs == [("success",)], rest[-4000:]
     assert succeeded == 3  # the task, the deferred wait, the task with a cleanup
+    # The wait deferred: the triggerer ran its trigger, and wrote that trigger's own log.
+    logs = tmp_path / "demo" / "airflow" / "logs" / "dag_id=safe_demo"
+    triggered = [f for f in logs.glob("run_id=*/task_id=deferred_wait/attempt=1.log.trigger.*.log")
+                 if "starting" in f.read_text()]
+    assert triggered, sorted(str(f.relative_to(logs)) for f in logs.rglob("*"))
     assert not _started_by(home), "the demo left processes behind"
     # The api-server was ours, and its port was bound to the loopback only (the admin password is printed).
     assert any("airflow-safe-api-server" in c for c in seen.commands), seen.commands
@@ -91,3 +96,12 @@ class _Seen:
                 except (psutil.Error, ValueError):
                     continue
             time.sleep(1.0)
+
+
+def test_demo_help_comes_before_any_install():
+    """``scripts/demo --help`` answers from Debian's python3, before the install it would otherwise wait for."""
+    done = subprocess.run([str(REPO / "scripts" / "demo"), "--help"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env=dict(os.environ, AIRFLOW_VERSION="0.0.0-not-installed"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: scripts/demo"), done.stdout
+    assert "--no-fault" in done.stdout and "--keep" in done.stdout

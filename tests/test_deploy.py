@@ -19,7 +19,7 @@ import yaml
 
 from harness.deployment import base_env
 from harness.procs import SchedulerProcess, TreeWatcher, alive, health_status, stop, wait_for
-from safe_scheduler import doctor
+from safe_scheduler import components, doctor
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "helm" / "values-safe-scheduler.yaml"
@@ -96,6 +96,27 @@ def test_image_smoke(tmp_path):
                          text=True, timeout=300)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
 
+
+
+def test_readme_install_lines(tmp_path):
+    """The README's install block, line by line, in a fresh venv: the clone (of this checkout's
+    HEAD), the wheel, the install with its extras and constraints (for the Python running the
+    tests); then every command is there and the PostgreSQL driver imports."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Install\n.*?```sh\n(.*?)```", text, flags=re.S).group(1)
+    python = "py%d.%d" % sys.version_info[:2]
+    script = block.replace("<this repository>", str(REPO)).replace("py3.11", python)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    done = subprocess.run(["bash", "-euc", script], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PATH=f"{venv}/bin:{os.environ['PATH']}"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for name in components.names():
+        helped = subprocess.run([str(venv / "bin" / f"airflow-safe-{name}"), "--help"], capture_output=True,
+                                text=True, timeout=120, env=dict(base_env(tmp_path / "home")))
+        assert helped.returncode == 0, (name, helped.stderr[-2000:])
+    driver = subprocess.run([str(venv / "bin" / "python"), "-c", "import psycopg2"], capture_output=True, text=True)
+    assert driver.returncode == 0, driver.stderr
 
 # -- supervisord -----------------------------------------------------------------------------------
 
