@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: Where patches live in a checkout of this project (the package sits beside them).
-DEFAULT_PATCHES = Path(__file__).resolve().parent.parent / "patches"
+#: Where the patches live: inside the package, so that a wheel install has them too (a checkout's
+#: ``patches/`` is a link to them).
+DEFAULT_PATCHES = Path(__file__).resolve().parent / "patches"
 
 
 def site_packages() -> Path:

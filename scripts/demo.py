@@ -206,9 +206,11 @@ def run_dag(db: Path, timeout: float) -> str:
         nonlocal next_line
         for task_id, state in query(db, "SELECT task_id, state FROM task_instance WHERE dag_id = 'safe_demo'"):
             if state and shown.get(task_id) != state:
+                why = {"deferred": "  (deferred: airflow-safe-triggerer runs its trigger)"}.get(state, "")
+                if shown.get(task_id) == "deferred":
+                    why = "  (resumed: its trigger fired in airflow-safe-triggerer)"
                 shown[task_id] = state
-                say(f"  {task_id}: {state}" + ("  (handed to airflow-safe-triggerer, which resumes it)"
-                                               if state == "deferred" else ""))
+                say(f"  {task_id}: {state}{why}")
         runs = query(db, "SELECT state FROM dag_run WHERE dag_id = 'safe_demo'")
         if runs and runs[0][0] in ("success", "failed"):
             return runs[0][0]

@@ -117,6 +117,21 @@ def test_readme_install_lines(tmp_path):
         assert helped.returncode == 0, (name, helped.stderr[-2000:])
     driver = subprocess.run([str(venv / "bin" / "python"), "-c", "import psycopg2"], capture_output=True, text=True)
     assert driver.returncode == 0, driver.stderr
+    # doctor, as patches/README.md runs it: the wheel's own patches with no flag, and the clone's
+    # by a relative and a whole path, give one answer (the patches' paths aside).
+    clone = tmp_path / "airflow-safe-scheduler"
+    answers = []
+    for flags in ([], ["--patches", "patches/"], ["--patches", str(clone / "patches")]):
+        done = subprocess.run([str(venv / "bin" / "airflow-safe-scheduler"), "doctor", *flags], cwd=clone,
+                              capture_output=True, text=True, timeout=120, env=base_env(tmp_path / "home"))
+        assert done.returncode in (0, 1) and "Traceback" not in done.stderr, (flags, done.stderr[-2000:])
+        shipped = venv.glob("lib/python*/site-packages/safe_scheduler/patches")
+        text = done.stdout
+        for where in [*shipped, clone / "patches"]:
+            text = text.replace(str(where.resolve()), "<patches>")
+        answers.append((done.returncode, text))
+    assert answers[0] == answers[1] == answers[2], answers
+    assert "applies" in answers[0][1] or "applied" in answers[0][1], answers[0][1]
 
 # -- supervisord -----------------------------------------------------------------------------------
 
