@@ -108,10 +108,11 @@ def fmt(value: float | None, limit: float) -> str:
 
 
 def interleaved(reps: int, measure, label: str, kinds: tuple[str, ...] = ("stock", "safe")) -> dict[str, list]:
-    """``measure(kind)`` ``reps`` times for each kind, in turn, so that drift hits every kind alike."""
+    """``measure(kind)`` ``reps`` times for each kind, in turn, so that drift hits every kind alike;
+    the order flips at each repetition, so that going second (a warmer machine) does too."""
     runs: dict[str, list] = {kind: [] for kind in kinds}
     for rep in range(reps):
-        for kind in kinds:
+        for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
             result = measure(kind)
             runs[kind].append(result)
             print(f"{label} [{kind} {rep + 1}/{reps}]: {result}", flush=True)

@@ -34,7 +34,7 @@ def measure(lab: Lab, args) -> dict:
 
     if int(airflow.__version__.split(".")[0]) < 3:
         return {}
-    window = 5.0 if args.quick else 15.0
+    window = 5.0 if args.quick else 10.0
 
     def one(kind: str) -> dict:
         dep, server = lab.deployment()
