@@ -113,7 +113,7 @@ def test_readme_install_lines(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for name in components.names():
         helped = subprocess.run([str(venv / "bin" / f"airflow-safe-{name}"), "--help"], capture_output=True,
-                                text=True, timeout=120, env=dict(base_env(tmp_path / "home")))
+                                text=True, timeout=120, env=base_env(tmp_path / "home"))
         assert helped.returncode == 0, (name, helped.stderr[-2000:])
     driver = subprocess.run([str(venv / "bin" / "python"), "-c", "import psycopg2"], capture_output=True, text=True)
     assert driver.returncode == 0, driver.stderr

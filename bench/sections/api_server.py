@@ -30,9 +30,9 @@ IDLE = "idle CPU of the whole tree (% of a core)"
 
 
 def measure(lab: Lab, args) -> dict:
-    import airflow
+    from safe_scheduler.base import compat
 
-    if int(airflow.__version__.split(".")[0]) < 3:
+    if compat.AIRFLOW_VERSION.major < 3:
         return {}
     window = 5.0 if args.quick else 10.0
 

@@ -2,11 +2,10 @@
 through and reports its end to.
 
 It is no Airflow job: no job row, no heartbeat. Its sign of life is each worker's own event loop
-turning. Every worker (uvicorn's spawned workers, gunicorn's forked ones, or the job process itself
-with one worker) sends a datagram from its loop every ``BEAT_EVERY`` seconds, through the
-server's own notify hook (uvicorn's ``callback_notify``, which gunicorn's worker uses for its
-heartbeat too). Progress is every live worker having turned since the last report: one blocked
-worker is a stalled server, although uvicorn's supervisor would keep it (its worker answers pings
+turning (``api_server_beats``): every worker (uvicorn's spawned workers, gunicorn's forked ones,
+or the job process itself with one worker) beats through the server's own notify hook (uvicorn's
+``callback_notify``, which gunicorn's worker uses for its heartbeat too). One blocked worker is a
+stalled server, although uvicorn's supervisor would keep it (its worker answers pings
 from a thread, so a blocked loop still looks alive to it). Gunicorn restarts a worker whose loop
 is blocked after ``[api] worker_timeout`` (120 s); our ``stall_timeout`` (60 s) acts first, on the
 whole server, because a loop blocked by a route blocks again on the next call of that route.
@@ -20,97 +19,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from safe_scheduler.base import compat, threads
 from safe_scheduler.base.errors import UsageError
+from safe_scheduler.base.exitcodes import Cause
+from safe_scheduler.base.ports import check_port_free
+from safe_scheduler.components.api_server_beats import BEAT_EVERY, BEATS_ENV, Beats, beat
 from safe_scheduler.components.base import Capability, Component, Job, Run
 
 log = logging.getLogger("safe_scheduler.api_server")
 
-#: Seconds between two beats of a worker's event loop.
-BEAT_EVERY = 1.0
-#: Where a worker sends its beats: the job's UDP port on 127.0.0.1, inherited through the environment
-#: (spawned workers get nothing else of the job's).
-BEATS_ENV = "AIRFLOW_SAFE_API_SERVER_BEATS"
 #: Seconds a worker has to exit once its requests' grace is over (its own server stop and its
 #: interpreter's end).
 WORKER_EXIT = 2.0
 #: Seconds between two looks at the metadata database, for the endpoint's body only.
 DB_LOOK = 1.0
-
-#: This worker's socket for its beats, made at its first beat.
-_sender: list[socket.socket] = []
-
-
-async def beat() -> None:
-    """uvicorn's ``callback_notify``, run by each worker's own event loop: this loop turned."""
-    port = os.environ.get(BEATS_ENV)
-    if not port:
-        return
-    if not _sender:
-        _sender.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-        _sender[0].setblocking(False)
-    with contextlib.suppress(OSError):  # the job gone or its buffer full: the next beat tries again
-        _sender[0].sendto(str(os.getpid()).encode(), ("127.0.0.1", int(port)))
-
-
-class Beats:
-    """The workers' beats, heard from a thread of the job's: progress once every live worker has
-    beaten since the last report."""
-
-    def __init__(self) -> None:
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.settimeout(BEAT_EVERY)
-        self.port: int = self.socket.getsockname()[1]
-        self.last: dict[int, float] = {}
-        self.on_turn: list[Callable[[], None]] = []
-        self._reported = 0.0
-
-    def start(self) -> None:
-        from safe_scheduler.base import threads
-
-        threads.start_daemon("safe-loop-beats", self._listen)
-
-    def stale(self, seconds: float) -> list[int]:
-        """The workers whose loop has not turned for ``seconds``."""
-        now = time.monotonic()
-        return [pid for pid, at in list(self.last.items()) if now - at > seconds]
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                pid = int(self.socket.recv(32))
-            except (socket.timeout, ValueError):
-                pid = 0
-            except OSError:
-                return
-            now = time.monotonic()
-            if pid:
-                self.last[pid] = now
-            self._forget_the_dead()
-            if self.last and min(self.last.values()) > self._reported:
-                self._reported = now
-                for callback in self.on_turn:
-                    callback()
-
-    def _forget_the_dead(self) -> None:
-        """A worker that ended (uvicorn starts another, with a pid of its own) is no longer waited for."""
-        import psutil
-
-        for pid in list(self.last):
-            try:
-                dead = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.Error:
-                dead = True
-            if dead:
-                self.last.pop(pid, None)
 
 
 class DatabaseWatch:
@@ -120,8 +50,6 @@ class DatabaseWatch:
         self.answered = time.monotonic()
 
     def start(self) -> None:
-        from safe_scheduler.base import threads
-
         threads.start_daemon("safe-db-look", self._look)
 
     def note(self) -> dict[str, Any]:
@@ -172,8 +100,6 @@ class ApiServer:
         """uvicorn's config gets our notify hook and the stop's grace (``uvicorn.run`` takes neither
         hook nor config; the config is built inside it, and a spawned worker gets it pickled);
         gunicorn's uvicorn worker beats with its own heartbeat, and its arbiter gets the same grace."""
-        import importlib
-
         main = importlib.import_module("uvicorn.main")  # ``uvicorn.main`` the attribute is its click command
         grace = self.grace
         config = main.Config
@@ -230,8 +156,6 @@ class Workers(Capability):
     beating, whose loops cannot run their own SIGTERM handler."""
 
     def attach(self, server: ApiServer, run: Run) -> None:
-        from safe_scheduler.base.exitcodes import Cause
-
         server.grace = min(server.grace, run.shutdown.plan.for_tasks)
         server.beats.start()
         server.database.start()
@@ -255,8 +179,6 @@ def check(args: argparse.Namespace) -> None:
     from airflow.configuration import conf
     from airflow.cli.commands import api_server_command as stock
 
-    from safe_scheduler.base.ports import check_port_free
-
     if getattr(args, "dev", False):
         raise UsageError("--dev runs a reloading development server; run `airflow api-server --dev` for that")
     try:
@@ -273,27 +195,21 @@ def check(args: argparse.Namespace) -> None:
     check_port_free(args.host, args.port, "--port, the api-server's")
 
 
-def new_job_runner(args: argparse.Namespace) -> ApiServer:
-    return ApiServer(args)
-
-
 class ApiServerJob(Job):
     """The server's run is stock's; its progress, its workers' loops turning."""
 
     progress = "turn of each worker's event loop"
 
     def __init__(self) -> None:
-        super().__init__(new_job_runner, ("", ""))
+        # No heartbeat of Airflow's to derive the stall timeout from: half of gunicorn's worker
+        # timeout (120 s), so that ours acts on a blocked loop first.
+        super().__init__(ApiServer, None, stall_timeout=60.0)
 
     def airflow_command(self, name: str) -> Any:
-        from safe_scheduler.base import compat
-
         try:
             return compat.cli_command(name)
         except RuntimeError:
-            from airflow import __version__
-
-            raise UsageError(f"the api-server came with Airflow 3; this is Airflow {__version__}: "
+            raise UsageError(f"the api-server came with Airflow 3; this is Airflow {compat.AIRFLOW_VERSION}: "
                              "run `airflow webserver`") from None
 
     def defaults(self) -> dict[str, float]:
@@ -301,23 +217,14 @@ class ApiServerJob(Job):
         # 15 are the deadline, and the backstops behind it (8 s) and our parent's sweep (5 s) fit.
         return {"shutdown_timeout": 15.0}
 
-    def stall_default(self, conf: Any) -> tuple[Any, str, float, str]:
-        # No heartbeat of Airflow's to derive it from; half of gunicorn's worker timeout (120 s).
-        return 60.0, "the api-server's stall timeout", 1.0, "60"
-
     def run(self, server: ApiServer) -> Any:
         return server.run()
 
     def on_progress(self, server: ApiServer, callback: Callable[[], None]) -> None:
         server.beats.on_turn.append(callback)
 
-    def daemon_options(self, args: argparse.Namespace) -> dict[str, Any]:
-        """``-D``: stock's pid file name (``airflow-api_server.pid``)."""
-        from airflow.utils.cli import setup_locations
-
-        pid_file, _, _, _ = setup_locations(process="api_server", stdout=args.stdout, stderr=args.stderr,
-                                            log=args.log_file, pid=args.pid)
-        return {"pid_file": pid_file}
+    def daemon_name(self, name: str) -> str:
+        return "api_server"  # stock's pid and log files: airflow-api_server.pid, .out, .err, .log
 
 
 COMPONENT = Component(

@@ -97,12 +97,15 @@ class Job:
     #: second SIGTERM or SIGINT always means it.
     hurry_signals: tuple[str, ...] = ()
 
-    def __init__(self, new_runner: Callable[[argparse.Namespace], Any], health_threshold: tuple[str, str],
-                 prepare: Callable[[argparse.Namespace], None] | None = None) -> None:
+    def __init__(self, new_runner: Callable[[argparse.Namespace], Any], health_threshold: tuple[str, str] | None,
+                 prepare: Callable[[argparse.Namespace], None] | None = None, stall_timeout: float = 60.0) -> None:
         #: A job runner built as the stock command builds it.
         self.new_runner = new_runner
         #: Airflow's own "unhealthy after" setting for this job; the stall timeout defaults to twice it.
+        #: None for a process that is no Airflow job (the worker, the api-server): Airflow has no
+        #: threshold for it, and ``stall_timeout`` is its default.
         self.health_threshold = health_threshold
+        self.stall_timeout = stall_timeout
         self._prepare = prepare
 
     def stock_words(self, name: str) -> tuple[str, ...]:
@@ -123,6 +126,8 @@ class Job:
         """The stall timeout's default: (a number of seconds as configured, its name, the factor it
         is taken by, the words of ``--help``). A job is unhealthy after Airflow's threshold; it is
         declared hung after twice that, so a slow loop a probe tolerates is not killed."""
+        if self.health_threshold is None:
+            return self.stall_timeout, "the stall timeout's default", 1.0, f"{self.stall_timeout:g}"
         section, option = self.health_threshold
         return (conf.get(section, option, fallback=30), f"[{section}] {option}", 2.0,
                 f"twice [{section}] {option}")
@@ -144,6 +149,10 @@ class Job:
         from safe_scheduler.base import compat
 
         compat.on_heartbeat(job_runner, callback)
+
+    def daemon_name(self, name: str) -> str:
+        """The process name of ``-D``'s pid and log files, as the stock command names them."""
+        return self.stock_words(name)[-1]
 
     def daemon_options(self, args: argparse.Namespace) -> dict[str, Any]:
         """More keyword arguments to Airflow's ``run_command_with_daemon_option``."""
@@ -194,7 +203,7 @@ class Component:
     @property
     def daemon_name(self) -> str:
         """The process name of ``-D``'s pid and log files, as the stock command names them."""
-        return self.job.stock_words(self.name)[-1]
+        return self.job.daemon_name(self.name)
 
     def airflow_command(self) -> Any:
         return self.job.airflow_command(self.name)

@@ -265,7 +265,9 @@ class WorkerJob(Job):
     hurry_signals = ("SIGQUIT",)
 
     def __init__(self) -> None:
-        super().__init__(new_job_runner, ("", ""))
+        # No heartbeat of Airflow's to derive the stall timeout from: six times the broker's socket
+        # timeout, so that one command's timeout comes first.
+        super().__init__(new_job_runner, None, stall_timeout=60.0)
 
     def stock_words(self, name: str) -> tuple[str, ...]:
         return ("celery", "worker")
@@ -277,11 +279,6 @@ class WorkerJob(Job):
         # The chart gives workers 600 s from SIGTERM to SIGKILL: 585 are the deadline, and the
         # backstops behind it (8 s) and our parent's last sweep (5 s) fit in the rest.
         return {"shutdown_timeout": 585.0}
-
-    def stall_default(self, conf: Any) -> tuple[Any, str, float, str]:
-        # No heartbeat of Airflow's to derive it from: six times the broker's socket timeout, so
-        # that one command's timeout comes first.
-        return 60.0, "the worker's stall timeout", 1.0, "60"
 
     def run(self, worker: CeleryWorker) -> Any:
         return worker.run()
