@@ -11,7 +11,8 @@ is blocked after ``[api] worker_timeout`` (120 s); our ``stall_timeout`` (60 s) 
 whole server, because a loop blocked by a route blocks again on the next call of that route.
 
 A stall kills the blocked workers at once (they can serve nothing, and their SIGTERM handler never
-runs while the loop is blocked); the others get the usual stop. A database that is down is not the
+runs while the loop is blocked); the others get the usual stop. With one worker the blocked loop is
+the job's own main thread: the process is forced out at once (exit 4). A database that is down is not the
 server's fault: the endpoint says so in its body and keeps answering 200.
 """
 
@@ -27,12 +28,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from safe_scheduler.base import compat, threads
+from safe_scheduler.base import compat, exitcodes, threads
 from safe_scheduler.base.errors import UsageError
 from safe_scheduler.base.exitcodes import Cause
 from safe_scheduler.base.ports import check_port_free
 from safe_scheduler.components.api_server_beats import BEAT_EVERY, BEATS_ENV, Beats, beat
 from safe_scheduler.components.base import Capability, Component, Job, Run
+from safe_scheduler.shutdown import watchdog
 
 log = logging.getLogger("safe_scheduler.api_server")
 
@@ -164,11 +166,16 @@ class Workers(Capability):
         def kill_the_blocked(reason: str) -> None:
             if run.shutdown.cause is not Cause.STALLED:
                 return
-            for pid in server.beats.stale(2 * BEAT_EVERY):
-                if pid != os.getpid():  # one worker: the loop is ours, and the deadline ends it
-                    log.error("Killing api-server worker %d: its event loop has not turned (%s)", pid, reason)
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
+            blocked = server.beats.stale(2 * BEAT_EVERY)
+            if os.getpid() in blocked:
+                # One worker ([api] workers' default): the blocked loop is this process's main
+                # thread, which nothing can unwind; the deadline would only wait for it.
+                watchdog.force_exit(exitcodes.STALLED, f"{reason}; the blocked loop is the server's own", "stall",
+                                    run.metrics)
+            for pid in blocked:
+                log.error("Killing api-server worker %d: its event loop has not turned (%s)", pid, reason)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
         run.shutdown.on_begin.append(kill_the_blocked)
 
