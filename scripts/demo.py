@@ -233,6 +233,7 @@ def kill_nine(procs: Processes, name: str, cmd: list[str], children: int, timeou
     tree = {p.pid for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]}
     proc.kill()
     killed = time.monotonic()
+    say(f"  {name}: kill -9 sent to pid {proc.pid} ({len(tree)} processes); counting what is left")
     proc.wait(10)
     deadline = killed + 15  # ours stops its children within its deadline; stock never does
     while procs.left(tree) and time.monotonic() < deadline:
