@@ -8,7 +8,7 @@ absolute time (this machine is noisy). Writes ``bench/results/latest.md`` and ``
     scripts/bench --quick         # 1 repetition, small load: proves it works
 
 Each section is a module of ``bench/sections`` (faults, kills, tasks, probes, celery, overhead,
-flood, outages, heal, api_server);
+flood, outages, heal, api_server, memory);
 ``bench/lab.py`` holds what they share. The liveness-probe rows need ``scripts/k8s-tools`` (helm).
 """
 
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from lab import COMPONENTS, REPO, SAFE_ARGS, Lab
-from sections import api_server, celery, faults, flood, heal, kills, outages, overhead, probes, tasks, worker
+from sections import api_server, celery, faults, flood, heal, kills, memory, outages, overhead, probes, tasks, worker
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -61,6 +61,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="seconds after a fault until which heal is awaited (default 420)")
     parser.add_argument("--no-api-server", action="store_true",
                         help="skip the api-server's requests a second and CPU per request (Airflow 3)")
+    parser.add_argument("--memory", nargs="*", choices=memory.COMPONENTS, default=None,
+                        help="idle PSS, USS and RSS of these components' whole trees, stock and safe side by side "
+                             "(default: all; quick: the scheduler; none: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
@@ -68,6 +71,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.idle_window = 20.0 if args.quick else 60.0
     args.kill_wait = 10.0 if args.quick else 30.0
     args.tasks = args.tasks if args.tasks is not None else ([1] if args.quick else [1, 16])
+    if args.memory is None:
+        args.memory = ["scheduler"] if args.quick else list(memory.COMPONENTS)
     args.outages = args.outages if args.outages is not None else ([20.0] if args.quick else [20.0, 120.0, 600.0])
     return args
 
@@ -82,6 +87,7 @@ def sections(args: argparse.Namespace) -> dict:
         "celery": (celery, not args.no_celery),
         "worker": (worker, not args.no_worker),
         "overhead": (overhead, not args.no_overhead),
+        "memory": (memory, args.memory),
         "endpoint_flood": (flood, not args.no_flood),
         "outages": (outages, args.outages and args.restart_policies),
         "heal": (heal, args.heal),

@@ -10,8 +10,11 @@ component needs no edit in this file.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+
+TYPE_CHECKING = False  # not from typing: the parent, which starts here, keeps what it imports
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
 
 
 def main(name: str) -> NoReturn:

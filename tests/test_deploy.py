@@ -105,7 +105,7 @@ def test_readme_install_lines(tmp_path):
     text = (REPO / "README.md").read_text()
     block = re.search(r"## Install\n.*?```sh\n(.*?)```", text, flags=re.S).group(1)
     python = "py%d.%d" % sys.version_info[:2]
-    script = block.replace("<this repository>", str(REPO)).replace("py3.11", python)
+    script = block.replace("<this repository>", str(REPO)).replace("py3.12", python)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     done = subprocess.run(["bash", "-euc", script], cwd=tmp_path, capture_output=True, text=True, timeout=900,

@@ -9,8 +9,10 @@ a real api-server and dag-processor run beside the scheduler.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
+import psutil
 import pytest
 
 from harness.external_job import write_dag
@@ -25,6 +27,11 @@ MARGIN = 10.0
 NOTICE = 5.0
 #: Seconds a loaded machine may take between a SIGTERM sent and the job noticing it.
 SIGNAL_NOTICE = 2.0
+#: Seconds from a task's instant cleanup to its process's end, once the database is gone: 1 s, the
+#: goal, and 1 s for a loaded 2-core CI machine. On Airflow 3 it was the whole cleanup budget (4 s
+#: here, then a kill): the task waited while its supervisor retried its report to the api-server,
+#: whose database was gone too (``task_reports``).
+AFTER_CLEANUP = 2.0
 
 @pytest.fixture
 def service():
@@ -56,14 +63,40 @@ def _gone(scheduler, since: float) -> tuple[int, float]:
     return code, scheduler.exited_at - since
 
 
+def _ended_at(pid: int, timeout: float) -> list[float]:
+    """Watch ``pid`` from a thread; the list gets the moment it is gone (empty while it lives)."""
+    ended: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)
+        else:
+            return
+        ended.append(time.monotonic())
+
+    threading.Thread(target=watch, daemon=True).start()
+    return ended
+
+
 def test_db_stopped_cancels_the_job_and_the_retry_starts_one(deployment, postgres, service):
     scheduler = _running_job(deployment, service)
+    task_ended = _ended_at(service.task_pids()[0], NOTICE + SHUTDOWN + MARGIN)
     postgres.stop("immediate")
     code, took = _gone(scheduler, time.monotonic())
 
     assert code == 1, scheduler.log()[-4000:]
     assert took < NOTICE + SHUTDOWN, f"took {took:.1f}s:\n{scheduler.log()[-6000:]}"
     assert service.jobs == {1: "cancelled"}, f"{service.calls}\n{scheduler.log()[-3000:]}"
+    # At the task's pace: once its cleanup has run, its report does not hold it (the database is gone).
+    assert task_ended, "the task process outlived its scheduler"
+    after = task_ended[0] - service.when("/cancel")[0]
+    assert after < AFTER_CLEANUP, f"the task ended {after:.1f}s after its cleanup:\n{scheduler.log()[-6000:]}"
 
     # The database comes back; the task instance that was running is found without a heartbeat and
     # retried: exactly one new job, none left from before.

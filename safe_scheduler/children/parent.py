@@ -37,16 +37,18 @@ systemd (and Kubernetes only on pod deletion), not under supervisord or a shell.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import signal
 import sys
 import time
-from typing import NoReturn
 
 from safe_scheduler.base import exitcodes
 from safe_scheduler.base.prctl import PR_SET_CHILD_SUBREAPER, prctl, set_death_signal
+
+TYPE_CHECKING = False  # typing itself is not imported: the parent's every import is memory it keeps
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 #: Set for the job process: "<the parent's pid>:<the fd to tell it on>". Its presence means "you are the job".
 PARENT_ENV = "_SAFE_SCHEDULER_PARENT"
@@ -80,7 +82,7 @@ class Parent:
         if self._fd < 0:
             return
         try:
-            os.write(self._fd, json.dumps({"orphans_gone_within": orphans_gone_within, "lifeline": lifeline}).encode())
+            os.write(self._fd, f"{orphans_gone_within!r} {lifeline}".encode())
         except OSError:
             pass  # the parent is gone: the death signal is on its way
         finally:
@@ -133,12 +135,13 @@ class _Told:
             return
         os.close(self.fd)
         self.fd = -1
+        # "<seconds> <lifeline>": no json here, since the parent keeps every module it imports.
+        seconds, _, lifeline = self._data.decode(errors="replace").partition(" ")
         try:
-            told = json.loads(self._data or b"{}")
-            self.orphans_gone_within = float(told.get("orphans_gone_within", 0.0))
-            self.lifeline = str(told.get("lifeline", ""))
-        except (ValueError, TypeError, AttributeError):
-            pass
+            self.orphans_gone_within = float(seconds)
+        except ValueError:
+            return
+        self.lifeline = lifeline
 
 
 def _job_command(name: str, argv: list[str]) -> list[str]:

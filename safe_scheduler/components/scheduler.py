@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from safe_scheduler.base import compat, output, threads
 from safe_scheduler.base.errors import UsageError
 from safe_scheduler.components import celery_broker
 from safe_scheduler.components.base import Capability, Component, Job, Run, Server, Tasks
+from safe_scheduler.components.task_reports import TaskReports, database_gone
 
 log = logging.getLogger("safe_scheduler.scheduler")
 
@@ -168,10 +170,13 @@ class Executors(Capability):
 
     def attach(self, job_runner: Any, run: Run) -> None:
         found = executors(job_runner)
+        reports = TaskReports()
+        if any(type(executor).__name__ == "LocalExecutor" for executor in found):
+            reports.hook()  # before executor.start() forks the workers, which then share its word
         for executor in found:
             if hasattr(executor, "_log") and getattr(executor, "log", None) is not None:
                 executor._log = _WithoutSignalAgain(executor.log)  # LoggingMixin's cached logger
-            executor.end = _end_within_deadline(run, executor.end, job_runner.job)
+            executor.end = _end_within_deadline(run, executor.end, job_runner.job, reports)
             celery_broker.hold_sends(executor, run.metrics)
             if type(executor).__name__ == "LocalExecutor":
                 executor.try_adopt_task_instances = _adopting_live_tasks(executor.try_adopt_task_instances)
@@ -197,15 +202,24 @@ class _WithoutSignalAgain:
         return getattr(self._logger, name)
 
 
-def _end_within_deadline(run: Run, end: Any, job: Any) -> Any:
+def _end_within_deadline(run: Run, end: Any, job: Any, reports: TaskReports) -> Any:
     """``executor.end()`` once the tasks are stopped, given what the deadline leaves, not forever.
 
     Past that it is left running in its thread (the process is on its way out), and the stop goes
-    on: the servers and the final sweep still fit, and the exit code stays the cause's.
+    on: the servers and the final sweep still fit, and the exit code stays the cause's. Where the
+    loop is leaving because the database is gone, the tasks' reports are tried once
+    (``task_reports``) before the tasks are told to stop.
     """
 
     @functools.wraps(end)
     def end_within_deadline(*args: Any, **kwargs: Any) -> Any:
+        leaving_with = sys.exc_info()[1]  # end() runs in the finally of Airflow's loop: its error, if any
+        if database_gone(leaving_with):
+            reports.give_up()
+            output.in_background(
+                log.info, "The database is gone (%s): the tasks' reports of their end are tried once, "
+                "not retried", type(leaving_with).__name__,
+            )
         run.shutdown.begin("executor shutdown")
         if run.tasks is not None:
             with _JobKeptAlive(job):

@@ -43,6 +43,7 @@ EXTERNAL_JOB_DAG = """
 
 
     def run_job():
+        call("POST", f"/pids/{{os.getpid()}}")  # the task process, for a test that watches it end
         with on_termination(timeout=60) as stop:
             job = call("POST", "/jobs")["id"]
             stop.add(cancel, job)

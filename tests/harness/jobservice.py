@@ -62,6 +62,10 @@ class JobService:
         """When each call whose path ends with ``suffix`` came."""
         return [at for at, call in zip(list(self.times), list(self.calls)) if call.endswith(suffix)]
 
+    def task_pids(self) -> list[int]:
+        """The pid of each task process that ran ``run_job`` (it says so first)."""
+        return [int(call.split("/")[2]) for call in list(self.calls) if call.startswith("/pids/")]
+
     def count(self, prefix: str) -> int:
         return sum(1 for call in list(self.calls) if call.startswith(prefix))
 

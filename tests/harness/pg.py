@@ -34,10 +34,38 @@ def bindir() -> Path:
     raise RuntimeError("PostgreSQL server binaries not found: install Debian's 'postgresql' (see .ci/run)")
 
 
+_PORTS_BELOW_EPHEMERAL = range(20000, 32000)
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port no one holds, below the kernel's ephemeral range (32768 up).
+
+    A port the kernel picked for ``bind(0)`` is an ephemeral port: between our pick and the server's
+    bind, any outgoing connection (a PostgreSQL client, Redis) may take it as its source port, which
+    failed CI twice with "address already in use". Each xdist worker draws from its own slice, and
+    never hands out a port twice."""
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    slot = int(worker) % workers if worker.isdigit() else 0
+    size = len(_PORTS_BELOW_EPHEMERAL) // workers
+    start = _PORTS_BELOW_EPHEMERAL.start + slot * size
+    offset = (os.getpid() * 7) % size
+    for _ in range(2):
+        for step in range(size):
+            port = start + (offset + step) % size
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+        _handed_out.clear()  # every port of the slice handed out once: the oldest are long free
+    raise RuntimeError(f"no free port in {start}..{start + size}")
 
 
 def _as_pg_user() -> dict:
