@@ -123,7 +123,9 @@ CATCHING_WORKER_SCRIPT = textwrap.dedent(
     import logging, multiprocessing, os, signal, sys, time
     from safe_scheduler.children import forkhook
 
-    forkhook.install(child_stop_timeout=2.0)
+    # A cleanup time, as every real job has (task_cleanup_timeout): with none, the SIGKILL that
+    # follows the SIGTERM at once raced the task's handler, and lost once on a loaded machine.
+    forkhook.install(child_stop_timeout=2.0, task_cleanup_timeout=2.0)
 
     def task(queue, marker):
         signal.signal(signal.SIGTERM, lambda signum, frame: open(marker, "w").write("on_kill ran"))

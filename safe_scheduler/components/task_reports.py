@@ -10,7 +10,7 @@ to be killed; its worker then ignored the sweep's SIGTERM (it forwards it to the
 ``child_stop_timeout``.
 
 So once the job knows that its database is gone, the workers it forked try each report once: it
-fails as it would have after its last retry, the task and its worker end at once, and the next
+fails as it would have after its last retry, the task ends at once, and the next
 scheduler resets what could not be reported, as it would have after the retries. The word goes
 through one shared page made before the workers fork; workers started by ``spawn`` or
 ``forkserver`` do not share it and keep Airflow's retries, cut by the cleanup budget as before.
