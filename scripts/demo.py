@@ -58,9 +58,13 @@ DAG = """
                 stop.add(print, "if this task were stopped, its external job would be cancelled here")
                 return "done"
 
-        # Five seconds after it starts: it defers to the triggerer at once, and resumes from it.
+        # Fifteen seconds after it starts: it defers to the triggerer at once, and resumes from it.
+        # Not less: Airflow 3's worker may report the deferral up to [workers] min_heartbeat_interval
+        # (5 s) late, and a trigger that fired before that report lands makes Airflow's scheduler
+        # fail the resumed task ("reported ... success, but the task instance's state attribute is
+        # queued"), which failed the demo once under load.
         wait = DateTimeSensorAsync(task_id="deferred_wait",
-                                   target_time="{{ macros.datetime.utcnow() + macros.timedelta(seconds=5) }}")
+                                   target_time="{{ macros.datetime.utcnow() + macros.timedelta(seconds=15) }}")
         hello() >> wait >> with_cleanup()
 """
 
