@@ -101,8 +101,12 @@ def pair(lab: Lab, name: str, settle: float) -> dict[str, dict[str, float]]:
         _stop(deps, server, redis)
 
 
+def _settle(args) -> float:
+    return 20.0 if args.quick else SETTLE
+
+
 def measure(lab: Lab, args) -> dict:
-    settle = 20.0 if args.quick else SETTLE
+    settle = _settle(args)
     runs: dict[str, list] = {}
     for name in args.memory:
         if name == "api-server" and not tasks_need_api_server_and_dag_processor():
@@ -127,7 +131,7 @@ def table(runs: dict, args) -> list[str]:
         "",
         "## Memory, idle, the whole tree (PSS, USS, RSS)",
         "",
-        f"Stock and safe started together on one PostgreSQL, read after {SETTLE if not args.quick else 20.0:g} s; "
+        f"Stock and safe started together on one PostgreSQL, read after {_settle(args):g} s; "
         "the safe tree includes the parent. Ratios: median over the pairs (lowest … highest pair). "
         "MB: medians.",
         "",

@@ -11,13 +11,14 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+
+from harness.procs import port_free
 
 PG_USER = "postgres"
 DB_NAME = "airflow"
@@ -54,14 +55,8 @@ def free_port() -> int:
     for _ in range(2):
         for step in range(size):
             port = start + (offset + step) % size
-            if port in _handed_out:
+            if port in _handed_out or not port_free(port):
                 continue
-            with socket.socket() as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind(("", port))
-                except OSError:
-                    continue
             _handed_out.add(port)
             return port
         _handed_out.clear()  # every port of the slice handed out once: the oldest are long free
